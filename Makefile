@@ -1,0 +1,29 @@
+# Developer shortcuts for bids_ctp. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo clean distclean
+
+venv: $(STAMP)
+
+# Re-install when the package metadata changes; the stamp keeps it from being redone every time.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: venv
+	$(VENV)/bin/python -m pytest -q -n 2 tests
+
+demo: venv
+	test -d demo/bids || $(VENV)/bin/bids_ctp-phantom demo/bids --seed 1
+	$(VENV)/bin/bids_ctp demo/bids demo/derivatives participant -w demo/work
+	@echo "Derivatives are in $(CURDIR)/demo/derivatives"
+
+clean:
+	rm -rf demo build dist .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,134 @@
+"""Command line of bids_ctp (BIDS-Apps convention: ``bids_ctp bids_dir output_dir {participant,group}``)."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .. import __version__
+from ..errors import EX_USAGE
+
+DESCRIPTION = """\
+Quantitative CT perfusion maps (CBF, CBV, MTT, Tmax, TTP) from the 4D CT perfusion (CTP) series of a
+BIDS(-like) dataset. Inputs: sub-<label>/[ses-<label>/][ct/]sub-<label>[_ses-<label>]..._ctp.nii[.gz]
+(BEP024-style with a ct/ folder, or ISLES'24-style without one). Frame timing comes from the JSON sidecar
+(FrameTimesStart, VolumeTiming or RepetitionTime) or else from --frame-interval."""
+
+EPILOG = """\
+exit codes: 0 success, 1 processing failed (see crash files), 64 bad command line,
+65 unusable input data, 66 input not found, 73 cannot create output.
+
+examples:
+  bids_ctp /data/bids /data/bids/derivatives/bids_ctp participant --participant-label 01 02
+  bids_ctp /data/isles24/raw_data /out participant --frame-interval 1.0"""
+
+
+def _default_nprocs() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr and exit code 64 (EX_USAGE)."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        message = " ".join(str(message).split())
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bids_ctp", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bids_dir", type=Path,
+                        help="root of the input dataset (the folder holding the sub-<label> folders); "
+                             "it is only read, never written")
+    parser.add_argument("output_dir", type=Path,
+                        help="root of the derivatives dataset to write (created if missing), e.g. "
+                             "<bids_dir>/derivatives/bids_ctp; must not be inside bids_dir except under "
+                             "<bids_dir>/derivatives/")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="'participant' computes the maps of the selected participants; 'group' has "
+                             "nothing to do yet")
+
+    sel = parser.add_argument_group("selecting inputs")
+    sel.add_argument("--participant-label", "--participant_label", dest="participant_label", nargs="+",
+                     metavar="LABEL",
+                     help="participant label(s) to process, with or without 'sub-' (default: all participants "
+                          "with a CTP series)")
+    sel.add_argument("--session-label", "--session_label", dest="session_label", nargs="+", metavar="LABEL",
+                     help="session label(s) to process, with or without 'ses-' (default: all sessions)")
+    sel.add_argument("--skip-bids-validation", "--skip_bids_validation", "--skip_bids_validator",
+                     dest="skip_bids_validation", action="store_true",
+                     help="accepted for BIDS-Apps compatibility; has no effect: CT is not part of BIDS yet, so "
+                          "the BIDS validator is never run")
+
+    timing = parser.add_argument_group("timing and masks")
+    timing.add_argument("--frame-interval", "--frame_interval", dest="frame_interval", type=_positive_float,
+                        metavar="SECONDS",
+                        help="time between consecutive CTP frames, in seconds (> 0); used only for series whose "
+                             "JSON sidecar has no FrameTimesStart, VolumeTiming or RepetitionTime (e.g. "
+                             "ISLES'24). The NIfTI header's pixdim[4] is never used silently")
+    timing.add_argument("--brain-mask", "--brain_mask", dest="brain_mask", metavar="PATH",
+                        help="brain mask (NIfTI, non-zero = brain) on the CTP grid, used instead of the automatic "
+                             "one. May contain {subject} and {session} placeholders (labels without prefix), "
+                             "e.g. masks/sub-{subject}_ses-{session}_mask.nii.gz; without a placeholder it is "
+                             "only allowed when a single CTP series is selected")
+
+    model = parser.add_argument_group("perfusion model")
+    model.add_argument("--deconvolution", choices=["csvd", "ssvd"], default="csvd",
+                       help="deconvolution of tissue curves by the arterial input function: 'csvd' = "
+                            "block-circulant truncated SVD, insensitive to bolus delay (default); 'ssvd' = "
+                            "standard truncated SVD, biased by bolus delay (default: %(default)s)")
+    model.add_argument("--density", type=_positive_float, default=1.05, metavar="G_PER_ML",
+                       help="brain tissue density in g/mL, converts CBF/CBV to per-100-g units "
+                            "(default: %(default)s)")
+    model.add_argument("--kh", type=_fraction, default=0.73, metavar="FACTOR",
+                       help="hematocrit correction factor (1 - Hct_large) / (1 - Hct_small), unitless, in (0, 1] "
+                            "(default: %(default)s)")
+
+    run = parser.add_argument_group("execution")
+    run.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path,
+                     default=Path(tempfile.gettempdir()) / "bids_ctp_work", metavar="PATH",
+                     help="folder for intermediate files (nipype working directory); keep it to resume a run "
+                          "(default: %(default)s)")
+    run.add_argument("--nprocs", "--n-procs", "--n_procs", dest="nprocs", type=_positive_int,
+                     default=_default_nprocs(), metavar="N",
+                     help="number of processes to run in parallel, >= 1 (default: the CPUs available, "
+                          "%(default)s)")
+    run.add_argument("-v", "--verbose", action="count", default=0,
+                     help="more log messages: -v for INFO, -vv for DEBUG (default: warnings only)")
+    run.add_argument("--version", action="version", version=f"bids_ctp {__version__}",
+                     help="print the version and exit")
+    return parser
+

@@ -1,0 +1,154 @@
+"""Entry point of the ``bids_ctp`` command (console script ``bids_ctp = bids_ctp.cli.run:main``)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..errors import BidsCtpError, InputMissingError, OutputError, UsageError
+from .parser import build_parser
+
+LOGGER = logging.getLogger("bids_ctp")
+GROUP_MESSAGE = "bids_ctp: group level has nothing to do yet (no group outputs in this version)"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Always writes to the *current* ``sys.stderr`` (so redirections and pytest's capsys work)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _level(verbose: int) -> int:
+    return logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+
+
+def _setup_logging(verbose: int) -> None:
+    if not any(isinstance(h, _StderrHandler) for h in LOGGER.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("bids_ctp: %(levelname)s: %(message)s"))
+        LOGGER.addHandler(handler)
+        LOGGER.propagate = False
+    LOGGER.setLevel(_level(verbose))
+
+
+def _setup_nipype(verbose: int, crashdump_dir: Path) -> None:
+    """Quiet nipype by default (WARNING), INFO with -v, DEBUG with -vv; no network check; crash files
+    go to ``crashdump_dir`` (nipype's default is the current directory, which could be inside bids_dir)."""
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    level = logging.getLevelName(_level(verbose))
+    for key in ("workflow_level", "interface_level", "utils_level"):
+        ncfg.set("logging", key, level)
+    ncfg.set("execution", "crashdump_dir", str(crashdump_dir))
+    nlogging.update_logging(ncfg)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _check_location(kind: str, path: Path, bids_dir: Path) -> None:
+    """Nothing is ever written into bids_dir, except under <bids_dir>/derivatives/."""
+    if _inside(path, bids_dir) and (bids_dir / "derivatives") not in path.parents:
+        raise UsageError(f"{kind} {path} is inside the input dataset {bids_dir}; use a folder outside it or "
+                         f"under {bids_dir / 'derivatives'}/ (e.g. {bids_dir / 'derivatives' / 'bids_ctp'})")
+
+
+def _make_dir(kind: str, path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create {kind} {path}: {err.strerror or err}") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {kind} {path}: permission denied")
+
+
+def _run(args) -> int:
+    bids_dir = Path(args.bids_dir).expanduser()
+    if not bids_dir.exists():
+        raise InputMissingError(f"BIDS directory not found: {bids_dir}")
+    if not bids_dir.is_dir():
+        raise InputMissingError(f"BIDS directory is not a directory: {bids_dir}")
+    bids_dir = bids_dir.resolve()
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    work_dir = Path(args.work_dir).expanduser().resolve()
+    _check_location("output_dir", output_dir, bids_dir)
+    _check_location("work directory", work_dir, bids_dir)
+    args.bids_dir, args.output_dir, args.work_dir = bids_dir, output_dir, work_dir
+
+    if args.analysis_level == "group":
+        print(GROUP_MESSAGE)
+        return 0
+
+    from ..bids import collect_inputs
+    from ..derivatives import write_dataset_description
+
+    # All validation happens here, before anything is written.
+    inputs = collect_inputs(bids_dir, participant_label=args.participant_label,
+                            session_label=args.session_label, frame_interval=args.frame_interval,
+                            brain_mask=args.brain_mask)
+    LOGGER.info("%d CTP series selected: %s", len(inputs), ", ".join(i.name for i in inputs))
+
+    _make_dir("output directory", output_dir)
+    _make_dir("work directory", work_dir)
+    write_dataset_description(output_dir, bids_dir)
+
+    crash_dir = work_dir / "crash"
+    _setup_nipype(args.verbose, crash_dir)
+    from ..workflows.base import init_bids_ctp_wf
+
+    wf = init_bids_ctp_wf(inputs, output_dir=output_dir, work_dir=work_dir, options=args)
+    if getattr(wf, "base_dir", None) is None:
+        try:
+            wf.base_dir = str(work_dir)
+        except AttributeError:
+            pass
+    wf_config = getattr(wf, "config", None) or {}
+    crash_dir = Path((wf_config.get("execution") or {}).get("crashdump_dir") or crash_dir)
+    try:
+        if args.nprocs > 1:
+            wf.run(plugin="MultiProc", plugin_args={"n_procs": args.nprocs})
+        else:
+            wf.run()
+    except RuntimeError as err:
+        LOGGER.debug("workflow failure: %s", err)
+        print(f"bids_ctp: error: processing failed; see the crash files in {crash_dir} "
+              "(open them with: nipypecli crash <file>)", file=sys.stderr)
+        return 1
+    print(f"bids_ctp: derivatives of {len(inputs)} CTP series are in {output_dir}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Run bids_ctp; returns the exit code (0 ok, 1 processing failed, 64/65/66/73 see errors.py)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and argument errors (64)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    _setup_logging(args.verbose)
+    try:
+        return _run(args)
+    except BidsCtpError as err:
+        print(f"bids_ctp: error: {_one_line(err)}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("bids_ctp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

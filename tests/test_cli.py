@@ -1,0 +1,214 @@
+"""The bids_ctp command line (bids_ctp.cli.run.main), with the workflow replaced by a fake."""
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from bids_ctp import __version__
+from bids_ctp.cli.parser import build_parser
+from bids_ctp.cli.run import GROUP_MESSAGE, main
+
+N = 10
+
+
+def make_ctp(root, rel, sidecar=None, shape=(6, 6, 2, N)):
+    path = Path(root) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nb.save(nb.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), str(path))
+    if sidecar is not None:
+        (path.parent / path.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar))
+    return path
+
+
+def listing(root):
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
+
+
+@pytest.fixture
+def ds(tmp_path):
+    root = tmp_path / "bids"
+    make_ctp(root, "sub-01/ses-01/ct/sub-01_ses-01_ctp.nii.gz", {"FrameTimesStart": [1.5 * i for i in range(N)]})
+    make_ctp(root, "sub-02/ct/sub-02_ctp.nii.gz", {"RepetitionTime": 2.0})
+    return root
+
+
+class FakeWorkflow:
+    def __init__(self, fail=False):
+        self.fail, self.runs, self.base_dir, self.config = fail, [], None, {}
+
+    def run(self, plugin=None, plugin_args=None):
+        self.runs.append((plugin, plugin_args))
+        if self.fail:
+            raise RuntimeError("Workflow did not execute cleanly. Check log for details")
+
+
+@pytest.fixture
+def fake_wf(monkeypatch):
+    """Replace bids_ctp.workflows.base (written elsewhere) by a recorder."""
+    calls = []
+    state = {"fail": False}
+
+    def init_bids_ctp_wf(inputs, output_dir, work_dir, options):
+        wf = FakeWorkflow(fail=state["fail"])
+        calls.append({"inputs": inputs, "output_dir": output_dir, "work_dir": work_dir, "options": options, "wf": wf})
+        return wf
+
+    module = types.ModuleType("bids_ctp.workflows.base")
+    module.init_bids_ctp_wf = init_bids_ctp_wf
+    monkeypatch.setitem(sys.modules, "bids_ctp.workflows.base", module)
+    import bids_ctp.workflows
+
+    monkeypatch.setattr(bids_ctp.workflows, "base", module, raising=False)
+    return calls, state
+
+
+def one_error_line(capsys, *words):
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("bids_ctp: error: ") and "Traceback" not in err
+    for word in words:
+        assert str(word) in lines[0]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------- parser
+def test_defaults_and_spellings(tmp_path):
+    args = build_parser().parse_args(["in", "out", "participant"])
+    assert args.deconvolution == "csvd" and args.density == 1.05 and args.kh == 0.73 and args.nprocs >= 1
+    assert args.work_dir.name == "bids_ctp_work" and args.verbose == 0 and args.frame_interval is None
+    args = build_parser().parse_args(["in", "out", "participant", "--participant_label", "01", "sub-02",
+                                      "--session_label", "01", "-w", str(tmp_path), "--nprocs", "3", "-vv",
+                                      "--frame_interval", "1.5", "--deconvolution", "ssvd"])
+    assert args.participant_label == ["01", "sub-02"] and args.session_label == ["01"]
+    assert args.work_dir == tmp_path and args.nprocs == 3 and args.verbose == 2 and args.frame_interval == 1.5
+
+
+def test_help_mentions_units(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for word in ("seconds", "g/mL", "hematocrit", "block-circulant", "{subject}", "exit codes"):
+        assert word in out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"bids_ctp {__version__}"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["in", "out"], ["required"]),
+    (["in", "out", "subject"], ["invalid choice", "subject"]),
+    (["in", "out", "participant", "--nprocs", "0"], ["--nprocs", "'0'"]),
+    (["in", "out", "participant", "--frame-interval", "-2"], ["--frame-interval", "'-2'"]),
+    (["in", "out", "participant", "--frame-interval", "nan"], ["--frame-interval"]),
+    (["in", "out", "participant", "--kh", "1.5"], ["--kh"]),
+    (["in", "out", "participant", "--deconvolution", "osvd"], ["--deconvolution", "osvd"]),
+    (["in", "out", "participant", "--bogus"], ["--bogus"]),
+])
+def test_bad_options_exit_64(capsys, argv, words):
+    assert main(argv) == 64
+    one_error_line(capsys, *words)
+
+
+# --------------------------------------------------------------------------------------- errors
+def test_missing_bids_dir(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), str(tmp_path / "out"), "participant"]) == 66
+    one_error_line(capsys, tmp_path / "nope")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_label(ds, tmp_path, capsys):
+    before = listing(ds)
+    assert main([str(ds), str(tmp_path / "out"), "participant", "--participant-label", "sub-07"]) == 66
+    one_error_line(capsys, "sub-07", "sub-01, sub-02")
+    assert not (tmp_path / "out").exists() and listing(ds) == before
+
+
+def test_sidecar_without_timing(ds, tmp_path, capsys, fake_wf):
+    make_ctp(ds, "sub-03/ct/sub-03_ctp.nii.gz", {"Manufacturer": "ACME"})
+    out = tmp_path / "out"
+    assert main([str(ds), str(out), "participant"]) == 65
+    one_error_line(capsys, "sub-03_ctp.nii.gz", "FrameTimesStart", "--frame-interval")
+    assert not out.exists()  # validation happens before anything is written
+    assert fake_wf[0] == []
+    # the same series works once the user gives the interval; the sidecar still wins elsewhere
+    assert main([str(ds), str(out), "participant", "--frame-interval", "0.5"]) == 0
+    sources = {i.name: i.timing_source for i in fake_wf[0][0]["inputs"]}
+    assert sources == {"sub-01_ses-01": "FrameTimesStart", "sub-02": "RepetitionTime", "sub-03": "--frame-interval"}
+
+
+@pytest.mark.parametrize("sub", ["out", "code/out", ".", "derivatives"])
+def test_output_inside_bids_dir_refused(ds, capsys, sub):
+    before = listing(ds)
+    assert main([str(ds), str(ds / sub), "participant"]) == 64
+    one_error_line(capsys, "inside the input dataset")
+    assert listing(ds) == before
+
+
+def test_work_dir_inside_bids_dir_refused(ds, tmp_path, capsys):
+    assert main([str(ds), str(tmp_path / "out"), "participant", "-w", str(ds / "work")]) == 64
+    one_error_line(capsys, "work directory")
+
+
+def test_output_dir_not_creatable(ds, tmp_path, capsys, fake_wf):
+    (tmp_path / "afile").write_text("x")
+    assert main([str(ds), str(tmp_path / "afile" / "out"), "participant"]) == 73
+    one_error_line(capsys, "afile")
+
+
+# --------------------------------------------------------------------------------------- runs
+def test_participant_run(ds, tmp_path, capsys, fake_wf, monkeypatch):
+    calls, _ = fake_wf
+    before = listing(ds)
+    monkeypatch.chdir(tmp_path)
+    out, work = Path("derivs"), Path("work")  # relative paths are made absolute
+    rc = main([str(ds), str(out), "participant", "--participant-label", "01", "-w", str(work), "--nprocs", "1",
+               "--deconvolution", "ssvd"])
+    assert rc == 0
+    assert listing(ds) == before  # nothing written in bids_dir
+    (call,) = calls
+    assert [i.relpath for i in call["inputs"]] == ["sub-01/ses-01/ct/sub-01_ses-01_ctp.nii.gz"]
+    assert call["inputs"][0].frame_times[1] == 1.5
+    assert call["output_dir"] == tmp_path / "derivs" and call["work_dir"] == tmp_path / "work"
+    assert call["options"].deconvolution == "ssvd" and call["options"].bids_dir == ds.resolve()
+    assert call["wf"].runs == [(None, None)]
+    assert call["wf"].base_dir == str(tmp_path / "work")
+    desc = json.loads((tmp_path / "derivs" / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["DatasetLinks"]["raw"] == ds.resolve().as_uri()
+    assert (tmp_path / "derivs" / ".bidsignore").is_file()
+    stdout, stderr = capsys.readouterr()
+    assert str(tmp_path / "derivs") in stdout and stderr == ""
+
+
+def test_participant_run_multiproc_under_derivatives(ds, tmp_path, fake_wf):
+    calls, _ = fake_wf
+    out = ds / "derivatives" / "bids_ctp"
+    assert main([str(ds), str(out), "participant", "--nprocs", "2", "-w", str(tmp_path / "w")]) == 0
+    assert len(calls[0]["inputs"]) == 2
+    assert calls[0]["wf"].runs == [("MultiProc", {"n_procs": 2})]
+    assert (out / "dataset_description.json").is_file()
+
+
+def test_workflow_failure(ds, tmp_path, capsys, fake_wf):
+    fake_wf[1]["fail"] = True
+    assert main([str(ds), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"), "--nprocs", "1"]) == 1
+    one_error_line(capsys, tmp_path / "w" / "crash")
+
+
+def test_group_level(ds, tmp_path, capsys):
+    assert main([str(ds), str(tmp_path / "out"), "group"]) == 0
+    assert capsys.readouterr().out.strip() == GROUP_MESSAGE
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_dash_m(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bids_ctp", str(tmp_path / "nope"), str(tmp_path / "o"),
+                           "participant"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 66
+    assert proc.stderr.strip() == f"bids_ctp: error: BIDS directory not found: {tmp_path / 'nope'}"
