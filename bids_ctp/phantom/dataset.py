@@ -1,0 +1,400 @@
+"""Write the phantom as a BIDS raw dataset plus a ground-truth derivatives dataset.
+
+Image model, per voxel and frame: ``baseline_HU[label] + enhancement[label](t) + noise``,
+with Gaussian noise of sd ``noise_hu`` drawn from ``numpy.random.default_rng([seed,
+subject_index])``, rounded to int16.  Artery voxels (partial-volume fraction f >= 0.5)
+get ``f * AIF + (1 - f) * GM curve``; vein voxels the VOF; CSF, skull and air do not
+enhance.  Voxels with 0 < f < 0.5 keep their own tissue curve so the truth maps stay exact.
+
+Baseline HU: air -1000, scalp 40, skull 1200, CSF 8, GM 38, WM 28, artery 45,
+vein 45, ischemic core 33, penumbra 33.
+
+Perfusion truth (CBF mL/100g/min, CBV mL/100g, delay = Tmax s, MTT = 60 CBV/CBF s)::
+
+    grey matter    60   4.0   1.0   (MTT 4.0)
+    white matter   25   2.0   1.5   (MTT 4.8)
+    ischemic core  10   1.5   4.0   (MTT 9.0)
+    penumbra       25   4.0   4.0   (MTT 9.6)
+    scalp           8   1.0   1.0   (MTT 7.5)
+
+Orientation: "RAS" affine = diag(spacing) centred on world 0; "LPS" negates the x
+and y axes and flips the voxel arrays along i and j, so that the anatomy in world
+space is identical (the core stays in the patient's right hemisphere); "oblique" =
+Rz(10 deg) @ Rx(15 deg) @ RAS (anatomy fixed to the voxel grid, hence tilted in the
+world).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import nibabel as nib
+from nibabel.openers import ImageOpener
+import numpy as np
+from numpy.typing import NDArray
+
+from .. import __version__
+from ..errors import OutputError, UsageError
+from . import anatomy as an
+from .model import CONSTANTS, RESIDUE_SHAPES, PhantomConstants, arterial_input, tissue_enhancement, true_ttp, venous_output
+
+GENERATOR = "bids_ctp-phantom"
+BIDS_VERSION = "1.10.0"
+LAYOUTS = ("bep024", "isles24")
+ORIENTATIONS = ("RAS", "LPS", "oblique")
+DEFAULT_FOV_MM = (220.0, 220.0, 80.0)
+
+BASELINE_HU: dict[int, float] = {
+    an.AIR: -1000.0,
+    an.SCALP: 40.0,
+    an.SKULL: 1200.0,
+    an.CSF: 8.0,
+    an.GM: 38.0,
+    an.WM: 28.0,
+    an.ARTERY: 45.0,
+    an.VEIN: 45.0,
+    an.CORE: 33.0,
+    an.PENUMBRA: 33.0,
+}
+
+
+class Truth(NamedTuple):
+    cbf: float  # mL/100g/min
+    cbv: float  # mL/100g
+    delay: float  # s, AIF-to-tissue delay = true Tmax
+
+    @property
+    def mtt(self) -> float:
+        return 60.0 * self.cbv / self.cbf
+
+
+PERFUSION_TRUTH: dict[int, Truth] = {
+    an.GM: Truth(60.0, 4.0, 1.0),
+    an.WM: Truth(25.0, 2.0, 1.5),
+    an.CORE: Truth(10.0, 1.5, 4.0),
+    an.PENUMBRA: Truth(25.0, 4.0, 4.0),
+    an.SCALP: Truth(8.0, 1.0, 1.0),
+}
+
+MAP_UNITS = {"cbf": "mL/100g/min", "cbv": "mL/100g", "mtt": "s", "tmax": "s", "ttp": "s"}
+MAP_DESCRIPTIONS = {
+    "cbf": "True cerebral blood flow used to simulate the tissue curves.",
+    "cbv": "True cerebral blood volume used to simulate the tissue curves.",
+    "mtt": "True mean transit time, 60 * CBV / CBF.",
+    "tmax": "True Tmax: the delay of the tissue input relative to the AIF.",
+    "ttp": "True time to peak (s from scan start) of the noise-free tissue curve, on a 0.01 s grid.",
+}
+
+
+class PhantomError(UsageError, ValueError):
+    """Invalid phantom parameter (exit code 64 on the command line)."""
+
+
+@dataclass
+class PhantomImage:
+    subject: str
+    session: str | None
+    ctp: Path  # the 4D *_ctp.nii.gz
+    truth: dict[str, Path] = field(default_factory=dict)  # kind (cbf, ..., dseg, mask, aif, vof, parameters) -> path
+
+
+@dataclass
+class PhantomDataset:
+    root: Path
+    truth_root: Path  # OUT/derivatives/groundtruth
+    frame_times: list[float]
+    shape: tuple[int, int, int]
+    affine: NDArray[np.float64]
+    images: list[PhantomImage] = field(default_factory=list)
+
+
+def frame_times(n_frames: int = 55, frame_interval: float = 1.0, nonuniform: bool = False) -> list[float]:
+    """Frame start times (s).
+
+    Uniform: ``k * frame_interval``.  Non-uniform: a two-phase protocol over about the
+    same duration, ``frame_interval`` spacing for the first ~65 % (35 s of the default
+    54 s), then alternating 2 and 3 intervals with one irregular 2.6 interval gap, so
+    code cannot assume exactly two spacings.
+    """
+    if n_frames < 3 or frame_interval <= 0:
+        raise PhantomError("need at least 3 frames and a positive frame interval")
+    if not nonuniform:
+        return [round(k * frame_interval, 6) for k in range(n_frames)]
+    duration = (n_frames - 1) * frame_interval
+    n_first = int(round(0.65 * duration / frame_interval))
+    times = [k * frame_interval for k in range(n_first + 1)]
+    gaps = [2.0, 3.0, 2.6]  # 2.6: the irregular one
+    i = 0
+    while True:
+        gap = (gaps[i] if i < len(gaps) else (2.0, 3.0)[i % 2]) * frame_interval
+        if times[-1] + gap > duration + 0.5 * frame_interval:
+            break
+        times.append(times[-1] + gap)
+        i += 1
+    return [round(t, 6) for t in times]
+
+
+def make_affine(shape: Sequence[int], spacing: Sequence[float], orientation: str = "RAS") -> NDArray[np.float64]:
+    """Voxel-to-world (RAS mm) affine with the volume centre at world 0."""
+    m = np.diag(np.asarray(spacing, dtype=float))
+    if orientation == "LPS":
+        m = np.diag([-1.0, -1.0, 1.0]) @ m
+    elif orientation == "oblique":
+        ax, az = np.deg2rad(15.0), np.deg2rad(10.0)
+        rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+        rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+        m = rz @ rx @ m
+    elif orientation != "RAS":
+        raise PhantomError(f"unknown orientation {orientation!r}; expected one of {ORIENTATIONS}")
+    affine = np.eye(4)
+    affine[:3, :3] = m
+    affine[:3, 3] = -m @ ((np.asarray(shape, dtype=float) - 1.0) / 2.0)
+    return affine
+
+
+# ---------------------------------------------------------------- writing helpers
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write via a temporary file in the same directory, then rename (no half-written files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")  # keeps the suffix nibabel keys on
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    return _write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _write_nifti(path: Path, data: np.ndarray, affine: NDArray, zooms: Sequence[float]) -> Path:
+    img = nib.Nifti1Image(data, affine)
+    hdr = img.header
+    hdr.set_data_dtype(data.dtype)
+    hdr.set_zooms(tuple(float(z) for z in zooms))
+    hdr.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=2)
+    # nib.save would reset scl_slope/scl_inter to NaN; write header and data ourselves so
+    # they read exactly 1 and 0 (the spec'd "no scaling"), gzip level as nibabel's default.
+    hdr["scl_slope"], hdr["scl_inter"] = 1.0, 0.0
+    hdr.set_data_offset(352)
+    fortran = np.asfortranarray(data)
+
+    def write(p: Path) -> None:
+        with ImageOpener(p, "wb") as fobj:
+            hdr.write_to(fobj)  # 348-byte header + 4-byte empty extension flag
+            fobj.write(fortran.T.data)  # NIfTI stores voxels with i fastest (Fortran order)
+
+    return _atomic(path, write)
+
+
+def _prepare_output(root: Path) -> None:
+    """Refuse a non-empty directory that is not a previous phantom; clear a previous phantom's images."""
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"output {root} exists and is not a directory")
+    if not root.exists() or not any(root.iterdir()):
+        return
+    try:
+        desc = json.loads((root / "dataset_description.json").read_text())
+        names = [g.get("Name") for g in desc.get("GeneratedBy", [])]
+    except (OSError, ValueError, AttributeError):
+        names = []
+    if GENERATOR not in names:
+        raise OutputError(f"output directory {root} is not empty and is not a previous {GENERATOR} dataset; refusing to overwrite")
+    # Remove only what a phantom writes, so stale subjects do not survive a re-run.
+    for sub in root.glob("sub-*"):
+        shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
+    shutil.rmtree(root / "derivatives" / "groundtruth", ignore_errors=True)
+
+
+# ---------------------------------------------------------------- main entry point
+def make_dataset(
+    out_dir: str | os.PathLike,
+    layout: str = "bep024",
+    n_subjects: int = 1,
+    seed: int = 0,
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 5.0),
+    n_frames: int = 55,
+    frame_interval: float = 1.0,
+    nonuniform: bool = False,
+    noise_hu: float = 10.0,
+    orientation: str = "RAS",
+    residue: str = "exponential",
+    sessions: bool = False,
+    constants: PhantomConstants = CONSTANTS,
+) -> PhantomDataset:
+    """Write the phantom BIDS dataset to ``out_dir`` and its ground truth to ``out_dir/derivatives/groundtruth``."""
+    if layout not in LAYOUTS:
+        raise PhantomError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if residue not in RESIDUE_SHAPES:
+        raise PhantomError(f"unknown residue {residue!r}; expected one of {RESIDUE_SHAPES}")
+    if orientation not in ORIENTATIONS:
+        raise PhantomError(f"unknown orientation {orientation!r}; expected one of {ORIENTATIONS}")
+    if n_subjects < 1 or noise_hu < 0:
+        raise PhantomError("need at least one subject and a non-negative noise level")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise PhantomError("spacing needs three positive values (mm)")
+    if shape is None:
+        shape = tuple(int(np.ceil(f / s - 1e-9)) for f, s in zip(DEFAULT_FOV_MM, spacing))
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise PhantomError("shape needs three positive values")
+    times = frame_times(n_frames, frame_interval, nonuniform)
+    t = np.asarray(times)
+    intervals = np.diff(t)
+    uniform = bool(np.allclose(intervals, intervals[0]))
+    median_dt = float(np.median(intervals))
+
+    root = Path(out_dir).absolute()
+    _prepare_output(root)
+    truth_root = root / "derivatives" / "groundtruth"
+
+    # Anatomy on the RAS-ordered grid; flip for LPS so world anatomy is unchanged.
+    labels, fraction = an.make_head(shape, spacing)
+    if orientation == "LPS":
+        labels, fraction = labels[::-1, ::-1].copy(), fraction[::-1, ::-1].copy()
+    affine = make_affine(shape, spacing, orientation)
+
+    # Per-label curves: computed once for the ~5 perfused labels, then looked up by label.
+    perfused = sorted(PERFUSION_TRUTH)
+    params = np.array([PERFUSION_TRUTH[k] for k in perfused])
+    curves = tissue_enhancement(t, params[:, 0], params[:, 1], params[:, 2], residue, constants)
+    ttps = true_ttp(t, params[:, 0], params[:, 1], params[:, 2], residue, constants)
+    aif = arterial_input(t, constants)
+    vof = venous_output(t, constants)
+    n_labels = len(an.LABELS)
+    table = np.zeros((n_labels, t.size), dtype=np.float32)  # noise-free HU per label and frame
+    for k in range(n_labels):
+        table[k] = BASELINE_HU[k]
+    for k, curve in zip(perfused, curves):
+        table[k] += curve
+    table[an.VEIN] += vof
+    art = labels == an.ARTERY
+    art_f = fraction[art][:, None]
+    gm_curve = curves[perfused.index(an.GM)]
+    art_curves = (BASELINE_HU[an.ARTERY] + art_f * aif + (1.0 - art_f) * gm_curve).astype(np.float32)
+
+    # Truth maps (label lookups).
+    ttp_by_label = dict(zip(perfused, (float(v) for v in ttps)))
+    lut = {m: np.zeros(n_labels, dtype=np.float32) for m in MAP_UNITS}
+    for k, tr in PERFUSION_TRUTH.items():
+        lut["cbf"][k], lut["cbv"][k], lut["mtt"][k] = tr.cbf, tr.cbv, tr.mtt
+        lut["tmax"][k], lut["ttp"][k] = tr.delay, ttp_by_label[k]
+    mask = np.isin(labels, an.INTRACRANIAL).astype(np.uint8)
+
+    result = PhantomDataset(root=root, truth_root=truth_root, frame_times=times, shape=shape, affine=affine)
+    _write_dataset_files(root, truth_root, layout, n_subjects)
+    for index in range(1, n_subjects + 1):
+        if layout == "bep024":
+            sub, ses = f"{index:02d}", ("01" if sessions else None)
+        else:
+            sub, ses = f"stroke{index:04d}", "01"
+        prefix = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+        rel = Path(f"sub-{sub}") / (f"ses-{ses}" if ses else "")
+        raw_dir = root / rel / ("ct" if layout == "bep024" else "")
+
+        rng = np.random.default_rng([seed, index])
+        data = np.empty(shape + (t.size,), dtype=np.int16, order="F")  # F order: frames contiguous for nibabel
+        frame = np.empty(shape, dtype=np.float32)
+        for f in range(t.size):
+            np.take(table[:, f], labels, out=frame)
+            frame[art] = art_curves[:, f]
+            if noise_hu > 0:
+                frame += rng.standard_normal(shape, dtype=np.float32) * np.float32(noise_hu)
+            np.rint(frame, out=frame)
+            np.clip(frame, -32768, 32767, out=frame)
+            data[..., f] = frame
+        ctp = _write_nifti(raw_dir / f"{prefix}_ctp.nii.gz", data, affine, spacing + (median_dt,))
+        del data
+        sidecar = {
+            "Modality": "CT",
+            "ContrastBolusIngredient": "IODINE",
+            "FrameTimesStart": times,
+            "SeriesDescription": "bids_ctp digital CTP phantom",
+        }
+        if uniform:
+            sidecar["RepetitionTime"] = round(float(intervals[0]), 6)
+        _write_json(raw_dir / f"{prefix}_ctp.json", sidecar)
+        image = PhantomImage(subject=sub, session=ses, ctp=ctp)
+
+        tdir = truth_root / rel / "perf"
+        for m, units in MAP_UNITS.items():
+            path = tdir / f"{prefix}_desc-groundtruth_{m}.nii.gz"
+            image.truth[m] = _write_nifti(path, lut[m][labels], affine, spacing)
+            _write_json(path.with_name(path.name.replace(".nii.gz", ".json")), {"Units": units, "Description": MAP_DESCRIPTIONS[m]})
+        image.truth["dseg"] = _write_nifti(tdir / f"{prefix}_dseg.nii.gz", labels, affine, spacing)
+        _write_text(tdir / f"{prefix}_dseg.tsv", "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in an.LABELS.items()))
+        image.truth["mask"] = _write_nifti(tdir / f"{prefix}_desc-brain_mask.nii.gz", mask, affine, spacing)
+        for kind, curve in (("aif", aif), ("vof", vof)):
+            rows = "".join(f"{ti:.6g}\t{ci:.6f}\n" for ti, ci in zip(times, curve))
+            image.truth[kind] = _write_text(tdir / f"{prefix}_desc-groundtruth_{kind}.tsv", "time\tenhancement\n" + rows)
+        image.truth["parameters"] = _write_json(
+            tdir / f"{prefix}_desc-groundtruth_parameters.json",
+            _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout),
+        )
+        result.images.append(image)
+    return result
+
+
+def _write_dataset_files(root: Path, truth_root: Path, layout: str, n_subjects: int) -> None:
+    generated = [{"Name": GENERATOR, "Version": __version__}]
+    _write_json(
+        root / "dataset_description.json",
+        {"Name": f"bids_ctp digital CTP phantom ({layout} layout)", "BIDSVersion": BIDS_VERSION, "DatasetType": "raw", "GeneratedBy": generated},
+    )
+    _write_text(root / ".bidsignore", "*_ctp.*\nct/\n")
+    _write_text(root / "README", "Simulated 4D CT perfusion head scans written by bids_ctp-phantom.\nGround truth: derivatives/groundtruth/.\n")
+    subs = [f"sub-{i:02d}" if layout == "bep024" else f"sub-stroke{i:04d}" for i in range(1, n_subjects + 1)]
+    _write_text(root / "participants.tsv", "participant_id\n" + "".join(s + "\n" for s in subs))
+    _write_json(
+        truth_root / "dataset_description.json",
+        {
+            "Name": "bids_ctp phantom ground truth",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "derivative",
+            "GeneratedBy": generated,
+        },
+    )
+
+
+def _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout) -> dict:
+    truth = {
+        an.LABELS[k]: {"index": k, "cbf": tr.cbf, "cbv": tr.cbv, "mtt": tr.mtt, "delay": tr.delay, "tmax": tr.delay, "ttp": ttp_by_label[k]}
+        for k, tr in PERFUSION_TRUTH.items()
+    }
+    return {
+        "Generator": {"Name": GENERATOR, "Version": __version__},
+        "Constants": {**asdict(constants), "vof_mean_transit": constants.vof_mean_transit},
+        "Model": "C_t(t) = (density/kh) * (CBF/6000) * (C_a(. - delay) conv R)(t); MTT = 60*CBV/CBF; VOF = AIF conv unit-area gamma kernel",
+        "Residue": residue,
+        "Labels": {str(k): v for k, v in an.LABELS.items()},
+        "BaselineHU": {an.LABELS[k]: v for k, v in BASELINE_HU.items()},
+        "Truth": truth,
+        "Arteries": [{"x_mm": x, "y_mm": y, "radius_mm": r} for x, y, r in an.ARTERIES],
+        "ArteryVoxelModel": "f * AIF + (1 - f) * grey-matter curve where partial-volume fraction f >= 0.5",
+        "NoiseHU": noise_hu,
+        "Seed": seed,
+        "SubjectIndex": index,
+        "NoiseGenerator": f"numpy.random.default_rng([{seed}, {index}]).standard_normal(float32), one draw per frame",
+        "FrameTimesStart": times,
+        "Shape": list(shape),
+        "Spacing": list(spacing),
+        "Orientation": orientation,
+        "Affine": np.asarray(affine).round(9).tolist(),
+        "Layout": layout,
+    }
