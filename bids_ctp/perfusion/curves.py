@@ -1,0 +1,111 @@
+"""Enhancement curves: bolus arrival, baseline, time to peak, area, uniform resampling.
+
+Convention: CT enhancement (HU above the pre-bolus baseline) is proportional to contrast
+concentration. The baseline of every voxel is the mean of the frames acquired before the bolus
+arrives (not frame 0 alone), so noise in a single frame does not shift the whole curve.
+Times are seconds from the start of the first frame (scan start).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bids_ctp.errors import DataError
+
+# Bolus arrival = the first frame in which the arterial reference curve exceeds this fraction of
+# its peak; every frame before it is baseline.
+ARRIVAL_FRACTION = 0.10
+# Fraction of the brightest-enhancing voxels whose mean curve serves as the arterial reference.
+ARTERIAL_REFERENCE_FRACTION = 0.005
+MIN_BASELINE_FRAMES = 2
+
+
+def bolus_arrival_frame(curves: np.ndarray) -> int:
+    """Index of the first frame showing the bolus in the earliest, strongest-enhancing voxels.
+
+    ``curves`` has shape (n_voxels, n_frames) in HU. The arterial reference is the mean curve of
+    the top ``ARTERIAL_REFERENCE_FRACTION`` voxels by peak enhancement over frame 0, which are
+    large vessels; tissue enhances later, so frames before this index are unenhanced everywhere.
+    """
+    curves = np.asarray(curves, dtype=np.float32)
+    rise = curves - curves[:, :1]
+    peak = rise.max(axis=1)
+    n_ref = max(1, int(round(ARTERIAL_REFERENCE_FRACTION * len(peak))))
+    ref_idx = np.argpartition(peak, -n_ref)[-n_ref:]
+    reference = rise[ref_idx].mean(axis=0)
+    reference -= reference[:MIN_BASELINE_FRAMES].mean()
+    top = int(np.argmax(reference))
+    below = np.flatnonzero(reference[: top + 1] < ARRIVAL_FRACTION * reference[top])
+    return int(below[-1] + 1) if below.size else 0
+
+
+def baseline(curves: np.ndarray, arrival_frame: int, source: str = "image") -> np.ndarray:
+    """Mean of the frames before bolus arrival, per voxel (last axis is time)."""
+    if arrival_frame < MIN_BASELINE_FRAMES:
+        raise DataError(
+            f"{source}: the bolus arrives in frame {arrival_frame}; at least "
+            f"{MIN_BASELINE_FRAMES} unenhanced frames are needed for a baseline"
+        )
+    return curves[..., :arrival_frame].mean(axis=-1, dtype=np.float64).astype(np.float32)
+
+
+def time_to_peak(times: np.ndarray, curves: np.ndarray) -> np.ndarray:
+    """Time of the curve maximum, refined by a parabola through the peak frame and its neighbours.
+
+    Works on non-uniform frame times (Lagrange vertex of the three points), so TTP is continuous
+    rather than a multiple of the frame interval.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    k = np.argmax(curves, axis=-1)
+    k = np.clip(k, 1, len(t) - 2)
+    y0 = np.take_along_axis(curves, (k - 1)[..., None], -1)[..., 0].astype(np.float64)
+    y1 = np.take_along_axis(curves, k[..., None], -1)[..., 0].astype(np.float64)
+    y2 = np.take_along_axis(curves, (k + 1)[..., None], -1)[..., 0].astype(np.float64)
+    return parabolic_vertex(t[k - 1], t[k], t[k + 1], y0, y1, y2).astype(np.float32)
+
+
+def parabolic_vertex(t0, t1, t2, y0, y1, y2):
+    """Abscissa of the vertex of the parabola through three points, kept within [t0, t2].
+
+    Falls back to t1 where the points are collinear or the parabola opens upwards.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):  # degenerate triples fall back below
+        d0 = (y1 - y0) / (t1 - t0)
+        d1 = (y2 - y1) / (t2 - t1)
+        curvature = (d1 - d0) / (t2 - t0)
+        vertex = 0.5 * (t0 + t1) - d0 / (2.0 * curvature)
+    ok = np.isfinite(vertex) & (curvature < 0)
+    return np.clip(np.where(ok, vertex, t1), t0, t2)
+
+
+def area_under_curve(times: np.ndarray, curves: np.ndarray) -> np.ndarray:
+    """Trapezoidal area (HU·s) over the acquired frames, last axis is time."""
+    dt = np.diff(np.asarray(times, dtype=np.float64))
+    mid = 0.5 * (curves[..., 1:] + curves[..., :-1])
+    return (mid @ dt).astype(np.float32)
+
+
+def uniform_grid(times: np.ndarray) -> np.ndarray:
+    """Uniform time grid spanning the acquisition with the shortest sampled interval.
+
+    Deconvolution needs uniform sampling; the shortest interval keeps every acquired detail.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    dt = float(np.min(np.diff(t)))
+    n = int(np.floor((t[-1] - t[0]) / dt + 1e-6)) + 1
+    return t[0] + dt * np.arange(n)
+
+
+def resample(times: np.ndarray, curves: np.ndarray, new_times: np.ndarray) -> np.ndarray:
+    """Linear interpolation of every curve (last axis) onto ``new_times``, vectorised.
+
+    A uniform ``times`` that equals ``new_times`` returns the curves unchanged.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    new_times = np.asarray(new_times, dtype=np.float64)
+    if len(t) == len(new_times) and np.allclose(t, new_times):
+        return np.asarray(curves, dtype=np.float32)
+    right = np.clip(np.searchsorted(t, new_times, side="right"), 1, len(t) - 1)
+    left = right - 1
+    w = ((new_times - t[left]) / (t[right] - t[left])).astype(np.float32)
+    curves = np.asarray(curves, dtype=np.float32)
+    return curves[..., left] * (1 - w) + curves[..., right] * w
