@@ -61,7 +61,7 @@ def _load_layout(bids_dir: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return BIDSLayout(str(bids_dir), validate=False, config=[_ct_config()], indexer=indexer,
+            return BIDSLayout(str(bids_dir), validate=False, config=[copy.deepcopy(_ct_config())], indexer=indexer,
                               database_path=None, derivatives=False)
         except Exception as err:  # pybids raises many kinds (bad JSON, bad description ...)
             raise DataError(f"{bids_dir}: cannot index the dataset: {_one_line(err)}") from err
@@ -88,8 +88,12 @@ def _strip(labels, prefix: str) -> list[str] | None:
     return out or None
 
 
-def _fmt(labels, prefix: str) -> str:
-    return ", ".join(f"{prefix}{lab}" for lab in labels) if labels else "none"
+def _fmt(labels, prefix: str, limit: int = 20) -> str:
+    """``sub-01, sub-02``; long lists are cut so that the error stays one readable line."""
+    if not labels:
+        return "none"
+    text = ", ".join(f"{prefix}{lab}" for lab in labels[:limit])
+    return text + (f", ... ({len(labels)} in all)" if len(labels) > limit else "")
 
 
 def _entities_from_name(filename: str) -> dict:
@@ -247,8 +251,12 @@ def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_i
         found.append((relpath, path, ents, bf))
     found.sort(key=lambda item: item[0])
     if not found:
+        hint = ""
+        for sub in ("raw_data", "rawdata"):  # ISLES'24 archives keep the inputs one level down
+            if (bids_dir / sub).is_dir():
+                hint = f"; did you mean {bids_dir / sub}?"
         raise InputMissingError(f"{bids_dir}: no CTP images found (expected "
-                                "sub-<label>/[ses-<label>/][ct/]sub-<label>[_ses-<label>]..._ctp.nii[.gz])")
+                                f"sub-<label>/[ses-<label>/][ct/]sub-<label>[_ses-<label>]..._ctp.nii[.gz]){hint}")
 
     available_subjects = sorted({e["subject"] for _, _, e, _ in found})
     if subjects:

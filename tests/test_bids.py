@@ -133,6 +133,17 @@ def test_no_ctp_images(tmp_path):
         collect_inputs(tmp_path)
     with pytest.raises(InputMissingError, match="not found"):
         collect_inputs(tmp_path / "missing")
+    make_ctp(tmp_path, "raw_data/sub-01/ses-01/sub-01_ses-01_ctp.nii.gz")
+    with pytest.raises(InputMissingError, match=r"did you mean .*raw_data\?"):
+        collect_inputs(tmp_path)
+
+
+def test_long_label_lists_are_cut(tmp_path):
+    for i in range(25):
+        make_ctp(tmp_path, f"sub-{i:02d}/ct/sub-{i:02d}_ctp.nii.gz", {"RepetitionTime": 1}, shape=(2, 2, 1, 3))
+    with pytest.raises(InputMissingError) as exc:
+        collect_inputs(tmp_path, participant_label="99")
+    assert "sub-19, ... (25 in all)" in str(exc.value) and "sub-20" not in str(exc.value)
 
 
 def test_non_4d_image(tmp_path):

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("perfusion model")
     model.add_argument("--deconvolution", choices=["csvd", "ssvd"], default="csvd",
                        help="deconvolution of tissue curves by the arterial input function: 'csvd' = "
-                            "block-circulant truncated SVD, insensitive to bolus delay (default); 'ssvd' = "
+                            "block-circulant truncated SVD, insensitive to bolus delay; 'ssvd' = "
                             "standard truncated SVD, biased by bolus delay (default: %(default)s)")
     model.add_argument("--density", type=_positive_float, default=1.05, metavar="G_PER_ML",
                        help="brain tissue density in g/mL, converts CBF/CBV to per-100-g units "
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("execution")
     run.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path,
                      default=Path(tempfile.gettempdir()) / "bids_ctp_work", metavar="PATH",
-                     help="folder for intermediate files (nipype working directory); keep it to resume a run "
+                     help="folder for intermediate files (nipype working directory; outside bids_dir); keep it to resume a run "
                           "(default: %(default)s)")
     run.add_argument("--nprocs", "--n-procs", "--n_procs", dest="nprocs", type=_positive_int,
                      default=_default_nprocs(), metavar="N",
