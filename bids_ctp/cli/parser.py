@@ -106,10 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "only allowed when a single CTP series is selected")
 
     model = parser.add_argument_group("perfusion model")
-    model.add_argument("--deconvolution", choices=["csvd", "ssvd"], default="csvd",
-                       help="deconvolution of tissue curves by the arterial input function: 'csvd' = "
-                            "block-circulant truncated SVD, insensitive to bolus delay; 'ssvd' = "
-                            "standard truncated SVD, biased by bolus delay (default: %(default)s)")
+    model.add_argument("--deconvolution", choices=["nlr", "csvd", "ssvd"], default="nlr",
+                       help="deconvolution of tissue curves by the arterial input function: 'nlr' = "
+                            "least-squares fit of the delayed indicator-dilution model (exponential "
+                            "residue; fits the bolus delay, so insensitive to it, and unbiased where "
+                            "SVD is not); 'csvd' = block-circulant truncated SVD (threshold 10 %%), "
+                            "insensitive to bolus delay; 'ssvd' = standard truncated SVD (threshold "
+                            "20 %%), biased by bolus delay (default: %(default)s)")
     model.add_argument("--density", type=_positive_float, default=1.05, metavar="G_PER_ML",
                        help="brain tissue density in g/mL, converts CBF/CBV to per-100-g units "
                             "(default: %(default)s)")

@@ -1,0 +1,95 @@
+"""Write one CTP series' results as BIDS-Derivatives (gzip NIfTI + JSON sidecars, atomically)."""
+from __future__ import annotations
+
+import nibabel as nb
+import numpy as np
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    traits)
+
+from bids_ctp import derivatives
+from bids_ctp.inputs import CTPInput
+from bids_ctp.perfusion.maps import DESCRIPTIONS, UNITS
+
+MAP_NAMES = tuple(UNITS)
+
+
+class _WriterInput(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True)
+    ctp_input = traits.Dict(mandatory=True, desc="CTPInput fields")
+    method = traits.Str(mandatory=True)
+    density = traits.Float(mandatory=True)
+    kh = traits.Float(mandatory=True)
+    noise_sd = traits.Float(mandatory=True)
+    arrival_frame = traits.Int(mandatory=True)
+    aif = traits.List(traits.Float, mandatory=True)
+    aif_info = traits.Dict(mandatory=True)
+    aif_mask = File(exists=True, mandatory=True)
+    brain_mask = File(exists=True, mandatory=True)
+    user_mask = traits.Bool(False, usedefault=True)
+    cbf = File(exists=True, mandatory=True)
+    cbv = File(exists=True, mandatory=True)
+    mtt = File(exists=True, mandatory=True)
+    tmax = File(exists=True, mandatory=True)
+    ttp = File(exists=True, mandatory=True)
+
+
+class _WriterOutput(TraitedSpec):
+    out_files = traits.List(File(exists=True))
+
+
+class WriteDerivatives(SimpleInterface):
+    input_spec = _WriterInput
+    output_spec = _WriterOutput
+
+    def _run_interface(self, runtime):
+        inp = self.inputs
+        ctp = CTPInput(**inp.ctp_input)
+        source = f"bids:raw:{ctp.relpath}"
+        times = [float(t) for t in ctp.frame_times]
+        common = {
+            "Sources": [source],
+            "SkullStripped": True,
+            "DeconvolutionMethod": inp.method,
+            "TissueDensity": inp.density, "TissueDensityUnits": "g/mL",
+            "HematocritFactor": inp.kh,
+            "FrameTimesStart": times, "FrameTimingSource": ctp.timing_source,
+            "BolusArrivalFrame": inp.arrival_frame,
+            "BaselineFrames": list(range(inp.arrival_frame)),
+            "EstimatedNoiseSD": round(inp.noise_sd, 3), "EstimatedNoiseSDUnits": "HU",
+            "ValuesOutsideBrain": 0,
+            "TimeZero": "start of the first frame (FrameTimesStart[0])",
+        }
+        out = []
+
+        def save(src, suffix, desc, sidecar, dtype=np.float32):
+            path = derivatives.output_path(inp.output_dir, ctp, suffix, desc)
+            img = nb.load(src)
+            data = np.asarray(img.dataobj, dtype=dtype)
+            new = nb.Nifti1Image(data, img.affine, img.header)
+            new.header.set_data_dtype(dtype)
+            derivatives.save_nifti(new, path)
+            derivatives.write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
+            out.append(str(path))
+
+        for name in MAP_NAMES:
+            save(getattr(inp, name), name, inp.method,
+                 {"Description": DESCRIPTIONS[name], "Units": UNITS[name], **common})
+        save(inp.brain_mask, "mask", "brain",
+             {"Type": "Brain", "Sources": [source],
+              "Description": "user-supplied brain mask" if inp.user_mask
+              else "automatic brain mask (intracranial soft tissue)"}, np.uint8)
+        save(inp.aif_mask, "mask", "aif",
+             {"Type": "ROI", "Sources": [source],
+              "Description": "voxels averaged into the arterial input function"}, np.uint8)
+        tsv = derivatives.output_path(inp.output_dir, ctp, "aif", inp.method, ".tsv")
+        rows = "".join(f"{t:.4f}\t{v:.4f}\n" for t, v in zip(times, inp.aif))
+        derivatives.write_text(tsv, "time\tenhancement\n" + rows)
+        derivatives.write_json(tsv.with_suffix(".json"), {
+            "Description": "Arterial input function: mean enhancement of the AIF voxels",
+            "time": {"Description": "frame start time", "Units": "s"},
+            "enhancement": {"Description": "HU above the pre-bolus baseline", "Units": "HU"},
+            "Sources": [source], **inp.aif_info,
+        })
+        out.append(str(tsv))
+        self._results["out_files"] = out
+        return runtime

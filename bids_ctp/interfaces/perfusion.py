@@ -1,0 +1,271 @@
+"""Thin nipype interfaces, one per stage: load inputs, call ``bids_ctp.perfusion``, save outputs."""
+from __future__ import annotations
+
+import os
+
+import nibabel as nb
+import numpy as np
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    isdefined, traits)
+
+from bids_ctp.errors import DataError
+from bids_ctp.interfaces import images
+from bids_ctp.perfusion import aif as aif_stage
+from bids_ctp.perfusion import curves, deconvolution, maps, mask, preprocess
+
+MIN_FRAMES = 10
+
+
+class _LoadInput(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="4D CTP NIfTI (HU)")
+    frame_times = traits.List(traits.Float, mandatory=True, desc="frame start times (s)")
+
+
+class _LoadOutput(TraitedSpec):
+    out_file = File(exists=True, desc="4D float32 HU, uncompressed")
+    mean_file = File(exists=True, desc="time-averaged image")
+
+
+class LoadCTP(SimpleInterface):
+    """Check the 4D series against its timing and convert it to float32 HU."""
+
+    input_spec = _LoadInput
+    output_spec = _LoadOutput
+
+    def _run_interface(self, runtime):
+        name = os.path.basename(self.inputs.in_file)
+        try:
+            img = nb.load(self.inputs.in_file)
+            data = np.asarray(img.dataobj, dtype=np.float32)
+        except Exception as err:  # corrupt or truncated file: report it, never a traceback
+            raise DataError(f"{name}: cannot read image ({err})") from err
+        n_times = len(self.inputs.frame_times)
+        if data.ndim != 4 or data.shape[3] < MIN_FRAMES:
+            raise DataError(f"{name}: expected a 4D image with >= {MIN_FRAMES} frames, "
+                            f"got shape {data.shape}")
+        if data.shape[3] != n_times:
+            raise DataError(f"{name}: {data.shape[3]} frames but {n_times} frame times")
+        if not np.isfinite(data).all():
+            raise DataError(f"{name}: image contains NaN or infinite voxels")
+        self._results["out_file"] = images.save_like(data, self.inputs.in_file, "ctp_hu.nii")
+        self._results["mean_file"] = images.save_like(data.mean(axis=3), self.inputs.in_file,
+                                                      "ctp_mean.nii")
+        return runtime
+
+
+class _SmoothInput(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    sigma_mm = traits.Float(preprocess.SMOOTHING_SIGMA_MM, usedefault=True)
+    n_threads = traits.Int(1, usedefault=True)
+
+
+class _SmoothOutput(TraitedSpec):
+    out_file = File(exists=True)
+    noise_sd = traits.Float(desc="estimated per-frame noise SD in soft tissue (HU)")
+
+
+class SmoothCTP(SimpleInterface):
+    """Edge-preserving cross-bilateral smoothing (spatial sigma in mm)."""
+
+    input_spec = _SmoothInput
+    output_spec = _SmoothOutput
+
+    def _run_interface(self, runtime):
+        data = images.load(self.inputs.in_file)
+        noise = preprocess.estimate_noise(data)
+        smoothed = preprocess.cross_bilateral(data, images.spacing(self.inputs.in_file),
+                                              self.inputs.sigma_mm, noise, self.inputs.n_threads)
+        self._results["out_file"] = images.save_like(smoothed, self.inputs.in_file,
+                                                     "ctp_smooth.nii")
+        self._results["noise_sd"] = noise
+        return runtime
+
+
+class _MaskInput(BaseInterfaceInputSpec):
+    mean_file = File(exists=True, mandatory=True)
+    user_mask = File(exists=True, desc="user-supplied brain mask on the same grid")
+
+
+class _MaskOutput(TraitedSpec):
+    out_mask = File(exists=True)
+
+
+class BrainMask(SimpleInterface):
+    """Automatic brain mask, or the user's after checking it lies on the CTP grid."""
+
+    input_spec = _MaskInput
+    output_spec = _MaskOutput
+
+    def _run_interface(self, runtime):
+        ref = nb.load(self.inputs.mean_file)
+        if isdefined(self.inputs.user_mask):
+            user = nb.load(self.inputs.user_mask)
+            if user.shape[:3] != ref.shape[:3] or not np.allclose(user.affine, ref.affine,
+                                                                   atol=1e-3):
+                raise DataError(f"{os.path.basename(self.inputs.user_mask)}: brain mask is not "
+                                f"on the CTP grid (shape {user.shape}, expected {ref.shape[:3]})")
+            brain = np.asarray(user.dataobj).reshape(ref.shape[:3]) > 0
+        else:
+            brain = mask.brain_mask(images.load(self.inputs.mean_file), ref.header.get_zooms()[:3],
+                                    mask.slice_axis_from_affine(ref.affine))
+        if not brain.any():
+            raise DataError(f"{os.path.basename(self.inputs.mean_file)}: brain mask is empty")
+        self._results["out_mask"] = images.save_like(brain, self.inputs.mean_file,
+                                                     "brain_mask.nii", np.uint8)
+        return runtime
+
+
+class _CurvesInput(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="smoothed 4D CTP")
+    mask = File(exists=True, mandatory=True)
+    frame_times = traits.List(traits.Float, mandatory=True)
+
+
+class _CurvesOutput(TraitedSpec):
+    baseline = File(exists=True, desc="mean HU before bolus arrival")
+    ttp = File(exists=True, desc="time to peak (s from the first frame)")
+    arrival_frame = traits.Int(desc="first frame showing the bolus")
+
+
+class EnhancementCurves(SimpleInterface):
+    """Bolus arrival, per-voxel baseline and time to peak."""
+
+    input_spec = _CurvesInput
+    output_spec = _CurvesOutput
+
+    def _run_interface(self, runtime):
+        data = images.load(self.inputs.in_file)
+        brain = images.load(self.inputs.mask, bool)
+        times = np.asarray(self.inputs.frame_times) - self.inputs.frame_times[0]
+        tissue = data[brain]
+        arrival = curves.bolus_arrival_frame(tissue)
+        base = curves.baseline(tissue, arrival, os.path.basename(self.inputs.in_file))
+        ttp = curves.time_to_peak(times, tissue - base[:, None])
+        self._results["baseline"] = images.save_like(_fill(brain, base), self.inputs.mask,
+                                                     "baseline.nii")
+        self._results["ttp"] = images.save_like(_fill(brain, ttp), self.inputs.mask, "ttp.nii")
+        self._results["arrival_frame"] = arrival
+        return runtime
+
+
+class _AIFInput(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="smoothed 4D CTP")
+    mask = File(exists=True, mandatory=True)
+    baseline = File(exists=True, mandatory=True)
+    frame_times = traits.List(traits.Float, mandatory=True)
+
+
+class _AIFOutput(TraitedSpec):
+    aif = traits.List(traits.Float, desc="AIF enhancement (HU) at the frame times")
+    aif_mask = File(exists=True)
+    aif_info = traits.Dict(desc="peak, TTP, voxel count, gamma-variate fit and score")
+
+
+class SelectAIF(SimpleInterface):
+    """Automatic arterial input function."""
+
+    input_spec = _AIFInput
+    output_spec = _AIFOutput
+
+    def _run_interface(self, runtime):
+        brain, tissue = _enhancement(self.inputs)
+        voxels = np.argwhere(brain)
+        result = aif_stage.select_aif(tissue, voxels, brain.shape, self.inputs.frame_times,
+                                      images.spacing(self.inputs.mask),
+                                      os.path.basename(self.inputs.in_file))
+        chosen = np.zeros(brain.shape, dtype=np.uint8)
+        chosen[tuple(result.voxels.T)] = 1
+        self._results["aif"] = [float(v) for v in result.curve]
+        self._results["aif_mask"] = images.save_like(chosen, self.inputs.mask, "aif_mask.nii",
+                                                     np.uint8)
+        self._results["aif_info"] = {
+            "PeakEnhancement": result.peak_hu, "TimeToPeak": result.ttp_s,
+            "NumberOfVoxels": int(len(result.voxels)),
+            "GammaVariateFit": result.fit, "QualityScore": result.fit["r2"],
+        }
+        return runtime
+
+
+class _DeconvInput(_AIFInput):
+    aif = traits.List(traits.Float, mandatory=True)
+    method = traits.Enum(*deconvolution.METHODS, usedefault=True)
+
+
+class _DeconvOutput(TraitedSpec):
+    flow = File(exists=True, desc="max of k = rho/kH * F (1/s)")
+    area = File(exists=True, desc="integral of k (dimensionless)")
+    tmax = File(exists=True, desc="time of the maximum of k (s)")
+
+
+class Deconvolve(SimpleInterface):
+    """Tissue curves deconvolved by the AIF (model fit or truncated SVD)."""
+
+    input_spec = _DeconvInput
+    output_spec = _DeconvOutput
+
+    def _run_interface(self, runtime):
+        brain, tissue = _enhancement(self.inputs)
+        times = np.asarray(self.inputs.frame_times, float)
+        aif = np.asarray(self.inputs.aif, float)
+        if self.inputs.method == "nlr":
+            flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif)
+            area = flow * mtt
+        else:  # SVD needs uniform sampling: resample AIF and tissue to the shortest interval
+            grid = curves.uniform_grid(times)
+            flow, tmax, area = deconvolution.deconvolve(
+                curves.resample(times, tissue, grid), curves.resample(times, aif, grid),
+                float(grid[1] - grid[0]), self.inputs.method)
+        for key, values in (("flow", flow), ("area", area), ("tmax", tmax)):
+            self._results[key] = images.save_like(_fill(brain, values), self.inputs.mask,
+                                                  f"{key}.nii")
+        return runtime
+
+
+class _MapsInput(BaseInterfaceInputSpec):
+    flow = File(exists=True, mandatory=True)
+    area = File(exists=True, mandatory=True)
+    tmax = File(exists=True, mandatory=True)
+    ttp = File(exists=True, mandatory=True)
+    mask = File(exists=True, mandatory=True)
+    density = traits.Float(maps.DEFAULT_DENSITY, usedefault=True, desc="g/mL")
+    kh = traits.Float(maps.DEFAULT_KH, usedefault=True, desc="hematocrit factor")
+
+
+class _MapsOutput(TraitedSpec):
+    cbf = File(exists=True)
+    cbv = File(exists=True)
+    mtt = File(exists=True)
+    tmax = File(exists=True)
+    ttp = File(exists=True)
+
+
+class PerfusionMaps(SimpleInterface):
+    """CBF, CBV, MTT, Tmax, TTP in physical units; 0 outside the brain mask."""
+
+    input_spec = _MapsInput
+    output_spec = _MapsOutput
+
+    def _run_interface(self, runtime):
+        brain = images.load(self.inputs.mask, bool)
+        values = {k: images.load(getattr(self.inputs, k))[brain]
+                  for k in ("flow", "area", "tmax", "ttp")}
+        result = maps.perfusion_maps(**values, density=self.inputs.density, kh=self.inputs.kh)
+        for key, array in result.items():
+            self._results[key] = images.save_like(_fill(brain, array), self.inputs.mask,
+                                                  f"{key}.nii")
+        return runtime
+
+
+def _fill(brain: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Scatter per-brain-voxel values into a volume that is 0 outside the brain."""
+    out = np.zeros(brain.shape, dtype=np.float32)
+    out[brain] = values
+    return out
+
+
+def _enhancement(inputs):
+    """Brain mask and the (n_brain_voxels, n_frames) enhancement curves in HU."""
+    brain = images.load(inputs.mask, bool)
+    data = images.load(inputs.in_file)
+    base = images.load(inputs.baseline)
+    return brain, data[brain] - base[brain][:, None]

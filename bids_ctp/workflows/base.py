@@ -1,0 +1,82 @@
+"""The nipype workflow: one independent branch per CTP series, one node per stage.
+
+    load -> smooth -> curves -> aif -> deconvolve -> maps -> write
+      \\-> brain mask -----^
+
+Intermediate images are uncompressed float32 NIfTI files in the work directory; nipype caches
+every node there, so a rerun with the same inputs and options recomputes nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from nipype.pipeline import engine as pe
+
+from bids_ctp.interfaces.derivatives import WriteDerivatives
+from bids_ctp.interfaces.perfusion import (BrainMask, Deconvolve, EnhancementCurves, LoadCTP,
+                                           PerfusionMaps, SelectAIF, SmoothCTP)
+from bids_ctp.perfusion.maps import DEFAULT_DENSITY, DEFAULT_KH
+
+
+def init_bids_ctp_wf(inputs, output_dir, work_dir, options=None) -> pe.Workflow:
+    """Top-level workflow over all selected CTP series (``list[CTPInput]``)."""
+    wf = pe.Workflow(name="bids_ctp_wf", base_dir=os.fspath(work_dir))
+    wf.config["execution"]["crashdump_dir"] = os.path.join(os.fspath(work_dir), "crash")
+    wf.config["execution"]["remove_unnecessary_outputs"] = False
+    for ctp_input in inputs:
+        wf.add_nodes([init_ctp_wf(ctp_input, output_dir, options)])
+    return wf
+
+
+def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
+    """Perfusion analysis of one 4D CTP series."""
+    method = getattr(options, "deconvolution", "nlr")
+    density = getattr(options, "density", DEFAULT_DENSITY)
+    kh = getattr(options, "kh", DEFAULT_KH)
+    threads = max(1, int(getattr(options, "nprocs", None) or os.cpu_count() or 1))
+
+    wf = pe.Workflow(name=re.sub(r"\W", "_", ctp_input.name) + "_wf")
+    load = pe.Node(LoadCTP(in_file=os.fspath(ctp_input.path),
+                           frame_times=list(ctp_input.frame_times)), name="load")
+    smooth = pe.Node(SmoothCTP(n_threads=threads), name="smooth", n_procs=threads)
+    brain = pe.Node(BrainMask(), name="brain_mask")
+    if ctp_input.brain_mask is not None:
+        brain.inputs.user_mask = os.fspath(ctp_input.brain_mask)
+    enhancement = pe.Node(EnhancementCurves(frame_times=list(ctp_input.frame_times)),
+                          name="curves")
+    aif = pe.Node(SelectAIF(frame_times=list(ctp_input.frame_times)), name="aif")
+    deconvolve = pe.Node(Deconvolve(frame_times=list(ctp_input.frame_times), method=method),
+                         name="deconvolve")
+    perfusion = pe.Node(PerfusionMaps(density=density, kh=kh), name="maps")
+    fields = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)
+              for k, v in dataclasses.asdict(ctp_input).items()}
+    write = pe.Node(WriteDerivatives(output_dir=os.fspath(output_dir), ctp_input=fields,
+                                     method=method, density=density, kh=kh,
+                                     user_mask=ctp_input.brain_mask is not None),
+                    name="write", overwrite=True)  # always rewrite: outputs may have been removed
+
+    wf.connect([
+        (load, smooth, [("out_file", "in_file")]),
+        (load, brain, [("mean_file", "mean_file")]),
+        (smooth, enhancement, [("out_file", "in_file")]),
+        (brain, enhancement, [("out_mask", "mask")]),
+        (smooth, aif, [("out_file", "in_file")]),
+        (brain, aif, [("out_mask", "mask")]),
+        (enhancement, aif, [("baseline", "baseline")]),
+        (smooth, deconvolve, [("out_file", "in_file")]),
+        (brain, deconvolve, [("out_mask", "mask")]),
+        (enhancement, deconvolve, [("baseline", "baseline")]),
+        (aif, deconvolve, [("aif", "aif")]),
+        (deconvolve, perfusion, [("flow", "flow"), ("area", "area"), ("tmax", "tmax")]),
+        (enhancement, perfusion, [("ttp", "ttp")]),
+        (brain, perfusion, [("out_mask", "mask")]),
+        (perfusion, write, [("cbf", "cbf"), ("cbv", "cbv"), ("mtt", "mtt"), ("tmax", "tmax"),
+                            ("ttp", "ttp")]),
+        (brain, write, [("out_mask", "brain_mask")]),
+        (smooth, write, [("noise_sd", "noise_sd")]),
+        (enhancement, write, [("arrival_frame", "arrival_frame")]),
+        (aif, write, [("aif", "aif"), ("aif_info", "aif_info"), ("aif_mask", "aif_mask")]),
+    ])
+    return wf
