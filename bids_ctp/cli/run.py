@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
-from ..errors import BidsCtpError, InputMissingError, OutputError, UsageError
+from ..errors import BidsCtpError, DataError, InputMissingError, OutputError, UsageError
 from .parser import build_parser
 
 LOGGER = logging.getLogger("bids_ctp")
@@ -39,13 +40,14 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _setup_nipype(verbose: int, crashdump_dir: Path) -> None:
-    """Quiet nipype by default (WARNING), INFO with -v, DEBUG with -vv; no network check; crash files
-    go to ``crashdump_dir`` (nipype's default is the current directory, which could be inside bids_dir)."""
+    """Silence nipype by default (its node errors carry tracebacks; we print one line per error from
+    the crash files instead), INFO with -v, DEBUG with -vv; no network check; crash files go to
+    ``crashdump_dir`` (nipype's default is the current directory, which could be inside bids_dir)."""
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
-    level = logging.getLevelName(_level(verbose))
+    level = logging.getLevelName(_level(verbose)) if verbose else "CRITICAL"
     for key in ("workflow_level", "interface_level", "utils_level"):
         ncfg.set("logging", key, level)
     ncfg.set("execution", "crashdump_dir", str(crashdump_dir))
@@ -118,18 +120,45 @@ def _run(args) -> int:
             pass
     wf_config = getattr(wf, "config", None) or {}
     crash_dir = Path((wf_config.get("execution") or {}).get("crashdump_dir") or crash_dir)
+    started = time.time()
     try:
-        if args.nprocs > 1:
+        # Series are independent branches; with a single series the chain is sequential and
+        # MultiProc would only add scheduling overhead (the smoothing node is multithreaded).
+        if args.nprocs > 1 and len(inputs) > 1:
             wf.run(plugin="MultiProc", plugin_args={"n_procs": args.nprocs})
         else:
             wf.run()
     except RuntimeError as err:
         LOGGER.debug("workflow failure: %s", err)
+        data_errors = _data_errors(crash_dir, started)
+        if data_errors:
+            for message in data_errors:
+                print(f"bids_ctp: error: {message}", file=sys.stderr)
+            return DataError.exit_code
         print(f"bids_ctp: error: processing failed; see the crash files in {crash_dir} "
               "(open them with: nipypecli crash <file>)", file=sys.stderr)
         return 1
     print(f"bids_ctp: derivatives of {len(inputs)} CTP series are in {output_dir}")
     return 0
+
+
+def _data_errors(crash_dir: Path, since: float) -> list[str]:
+    """Messages of the data errors raised inside workflow nodes (read from nipype crash files)."""
+    from nipype.utils.filemanip import loadcrash
+
+    messages = []
+    for crash in sorted(Path(crash_dir).glob("crash-*")):
+        if crash.stat().st_mtime < since - 1:
+            continue
+        try:
+            lines = "".join(loadcrash(str(crash))["traceback"]).strip().splitlines()
+        except Exception:  # an unreadable crash file: fall back to the generic message
+            continue
+        marker = f"{DataError.__module__}.{DataError.__name__}: "
+        found = [line.split(marker, 1)[1] for line in lines if marker in line]
+        if found:
+            messages.append(found[-1])
+    return messages
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ class _WriterInput(BaseInterfaceInputSpec):
     density = traits.Float(mandatory=True)
     kh = traits.Float(mandatory=True)
     noise_sd = traits.Float(mandatory=True)
+    sigma_mm = traits.Float(mandatory=True)
     arrival_frame = traits.Int(mandatory=True)
     aif = traits.List(traits.Float, mandatory=True)
     aif_info = traits.Dict(mandatory=True)
@@ -56,6 +57,8 @@ class WriteDerivatives(SimpleInterface):
             "BolusArrivalFrame": inp.arrival_frame,
             "BaselineFrames": list(range(inp.arrival_frame)),
             "EstimatedNoiseSD": round(inp.noise_sd, 3), "EstimatedNoiseSDUnits": "HU",
+            "SmoothingFilter": "cross-bilateral, guided by the time-averaged image",
+            "SmoothingSigma": round(inp.sigma_mm, 3), "SmoothingSigmaUnits": "mm",
             "ValuesOutsideBrain": 0,
             "TimeZero": "start of the first frame (FrameTimesStart[0])",
         }

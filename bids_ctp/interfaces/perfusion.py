@@ -55,13 +55,14 @@ class LoadCTP(SimpleInterface):
 
 class _SmoothInput(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
-    sigma_mm = traits.Float(preprocess.SMOOTHING_SIGMA_MM, usedefault=True)
+    sigma_mm = traits.Float(desc="spatial sigma (mm); default: adapted to the noise")
     n_threads = traits.Int(1, usedefault=True)
 
 
 class _SmoothOutput(TraitedSpec):
     out_file = File(exists=True)
     noise_sd = traits.Float(desc="estimated per-frame noise SD in soft tissue (HU)")
+    sigma_mm = traits.Float(desc="spatial sigma used (mm)")
 
 
 class SmoothCTP(SimpleInterface):
@@ -73,8 +74,11 @@ class SmoothCTP(SimpleInterface):
     def _run_interface(self, runtime):
         data = images.load(self.inputs.in_file)
         noise = preprocess.estimate_noise(data)
-        smoothed = preprocess.cross_bilateral(data, images.spacing(self.inputs.in_file),
-                                              self.inputs.sigma_mm, noise, self.inputs.n_threads)
+        spacing = images.spacing(self.inputs.in_file)
+        sigma = (self.inputs.sigma_mm if isdefined(self.inputs.sigma_mm)
+                 else preprocess.smoothing_sigma(noise, spacing))
+        smoothed = preprocess.cross_bilateral(data, spacing, sigma, noise, self.inputs.n_threads)
+        self._results["sigma_mm"] = sigma
         self._results["out_file"] = images.save_like(smoothed, self.inputs.in_file,
                                                      "ctp_smooth.nii")
         self._results["noise_sd"] = noise
@@ -82,6 +86,7 @@ class SmoothCTP(SimpleInterface):
 
 
 class _MaskInput(BaseInterfaceInputSpec):
+    source = traits.Str("image", usedefault=True, desc="input file name for error messages")
     mean_file = File(exists=True, mandatory=True)
     user_mask = File(exists=True, desc="user-supplied brain mask on the same grid")
 
@@ -109,13 +114,14 @@ class BrainMask(SimpleInterface):
             brain = mask.brain_mask(images.load(self.inputs.mean_file), ref.header.get_zooms()[:3],
                                     mask.slice_axis_from_affine(ref.affine))
         if not brain.any():
-            raise DataError(f"{os.path.basename(self.inputs.mean_file)}: brain mask is empty")
+            raise DataError(f"{self.inputs.source}: brain mask is empty")
         self._results["out_mask"] = images.save_like(brain, self.inputs.mean_file,
                                                      "brain_mask.nii", np.uint8)
         return runtime
 
 
 class _CurvesInput(BaseInterfaceInputSpec):
+    source = traits.Str("image", usedefault=True, desc="input file name for error messages")
     in_file = File(exists=True, mandatory=True, desc="smoothed 4D CTP")
     mask = File(exists=True, mandatory=True)
     frame_times = traits.List(traits.Float, mandatory=True)
@@ -138,8 +144,8 @@ class EnhancementCurves(SimpleInterface):
         brain = images.load(self.inputs.mask, bool)
         times = np.asarray(self.inputs.frame_times) - self.inputs.frame_times[0]
         tissue = data[brain]
-        arrival = curves.bolus_arrival_frame(tissue)
-        base = curves.baseline(tissue, arrival, os.path.basename(self.inputs.in_file))
+        arrival = curves.bolus_arrival_frame(tissue, self.inputs.source)
+        base = curves.baseline(tissue, arrival, self.inputs.source)
         ttp = curves.time_to_peak(times, tissue - base[:, None])
         self._results["baseline"] = images.save_like(_fill(brain, base), self.inputs.mask,
                                                      "baseline.nii")
@@ -149,6 +155,7 @@ class EnhancementCurves(SimpleInterface):
 
 
 class _AIFInput(BaseInterfaceInputSpec):
+    source = traits.Str("image", usedefault=True, desc="input file name for error messages")
     in_file = File(exists=True, mandatory=True, desc="smoothed 4D CTP")
     mask = File(exists=True, mandatory=True)
     baseline = File(exists=True, mandatory=True)
@@ -172,7 +179,7 @@ class SelectAIF(SimpleInterface):
         voxels = np.argwhere(brain)
         result = aif_stage.select_aif(tissue, voxels, brain.shape, self.inputs.frame_times,
                                       images.spacing(self.inputs.mask),
-                                      os.path.basename(self.inputs.in_file))
+                                      self.inputs.source)
         chosen = np.zeros(brain.shape, dtype=np.uint8)
         chosen[tuple(result.voxels.T)] = 1
         self._results["aif"] = [float(v) for v in result.curve]

@@ -17,9 +17,10 @@ ARRIVAL_FRACTION = 0.10
 # Fraction of the brightest-enhancing voxels whose mean curve serves as the arterial reference.
 ARTERIAL_REFERENCE_FRACTION = 0.005
 MIN_BASELINE_FRAMES = 2
+MIN_BOLUS_HU = 20.0  # arterial reference enhancing less than this: no usable bolus
 
 
-def bolus_arrival_frame(curves: np.ndarray) -> int:
+def bolus_arrival_frame(curves: np.ndarray, source: str = "image") -> int:
     """Index of the first frame showing the bolus in the earliest, strongest-enhancing voxels.
 
     ``curves`` has shape (n_voxels, n_frames) in HU. The arterial reference is the mean curve of
@@ -34,6 +35,9 @@ def bolus_arrival_frame(curves: np.ndarray) -> int:
     reference = rise[ref_idx].mean(axis=0)
     reference -= reference[:MIN_BASELINE_FRAMES].mean()
     top = int(np.argmax(reference))
+    if reference[top] < MIN_BOLUS_HU:
+        raise DataError(f"{source}: no contrast bolus found (the most enhancing vessels rise "
+                        f"{reference[top]:.1f} HU, expected >= {MIN_BOLUS_HU:.0f} HU)")
     below = np.flatnonzero(reference[: top + 1] < ARRIVAL_FRACTION * reference[top])
     return int(below[-1] + 1) if below.size else 0
 

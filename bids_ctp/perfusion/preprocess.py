@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-SMOOTHING_SIGMA_MM = 1.2  # spatial Gaussian sigma; neighbourhood truncated at 2 sigma
+TARGET_NOISE_HU = 2.0  # residual per-frame noise the smoothing aims for
+SIGMA_RANGE_MM = (1.0, 3.0)  # spatial Gaussian sigma bounds; neighbourhood truncated at 2 sigma
 RANGE_SIGMA_IN_NOISE_UNITS = 2.5  # range sigma = this x noise of the time-averaged guide
 SOFT_TISSUE_HU = (-50.0, 150.0)  # voxels used to estimate the noise
 
@@ -38,6 +39,19 @@ def estimate_noise(data: np.ndarray) -> float:
     return float(1.4826 * mad / np.sqrt(1.5))
 
 
+def smoothing_sigma(noise_sd: float, spacing) -> float:
+    """Spatial sigma (mm) that averages enough voxels to bring ``noise_sd`` to TARGET_NOISE_HU.
+
+    A 2D Gaussian of sigma s over pixels of area a averages about 4·pi·s²/a independent voxels,
+    so noise falls by sqrt of that. Noisier or finer-pixel scans get more smoothing in voxels,
+    bounded in mm to keep lesions resolved.
+    """
+    pixel_area = float(spacing[0]) * float(spacing[1])
+    n_needed = (noise_sd / TARGET_NOISE_HU) ** 2
+    sigma = np.sqrt(n_needed * pixel_area / (4 * np.pi))
+    return float(np.clip(sigma, *SIGMA_RANGE_MM))
+
+
 def neighbourhood(spacing, sigma_mm: float):
     """Offsets (voxels) and spatial weights of a Gaussian truncated at 2 sigma, in mm."""
     radius = [int(np.floor(2 * sigma_mm / s)) for s in spacing]
@@ -48,16 +62,19 @@ def neighbourhood(spacing, sigma_mm: float):
     return offsets[keep], np.exp(-0.5 * d2[keep] / sigma_mm**2).astype(np.float32)
 
 
-def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float = SMOOTHING_SIGMA_MM,
+def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
                     noise_sd: float | None = None, n_threads: int = 1) -> np.ndarray:
     """Edge-preserving smoothing of a 4D series (x, y, z, t) guided by its time average.
 
     Returns a new float32 array. Processed in slabs along the third axis (with a halo), in
     ``n_threads`` threads, so memory stays at a few frames' worth beyond input and output.
+    ``sigma_mm`` defaults to :func:`smoothing_sigma` of the estimated noise.
     """
     data = np.asarray(data, dtype=np.float32)
     if noise_sd is None:
         noise_sd = estimate_noise(data)
+    if sigma_mm is None:
+        sigma_mm = smoothing_sigma(noise_sd, spacing)
     guide = data.mean(axis=-1)
     range_sigma = max(RANGE_SIGMA_IN_NOISE_UNITS * noise_sd / np.sqrt(data.shape[-1]), 1e-3)
     offsets, spatial_w = neighbourhood(spacing, sigma_mm)

@@ -25,6 +25,8 @@ def init_bids_ctp_wf(inputs, output_dir, work_dir, options=None) -> pe.Workflow:
     wf = pe.Workflow(name="bids_ctp_wf", base_dir=os.fspath(work_dir))
     wf.config["execution"]["crashdump_dir"] = os.path.join(os.fspath(work_dir), "crash")
     wf.config["execution"]["remove_unnecessary_outputs"] = False
+    # nipype's default 2 s scheduler poll would dominate a run of a few seconds
+    wf.config["execution"]["poll_sleep_duration"] = 0.05
     for ctp_input in inputs:
         wf.add_nodes([init_ctp_wf(ctp_input, output_dir, options)])
     return wf
@@ -41,13 +43,15 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
     load = pe.Node(LoadCTP(in_file=os.fspath(ctp_input.path),
                            frame_times=list(ctp_input.frame_times)), name="load")
     smooth = pe.Node(SmoothCTP(n_threads=threads), name="smooth", n_procs=threads)
-    brain = pe.Node(BrainMask(), name="brain_mask")
+    source = ctp_input.path.name  # named in data-error messages
+    brain = pe.Node(BrainMask(source=source), name="brain_mask")
     if ctp_input.brain_mask is not None:
         brain.inputs.user_mask = os.fspath(ctp_input.brain_mask)
-    enhancement = pe.Node(EnhancementCurves(frame_times=list(ctp_input.frame_times)),
+    enhancement = pe.Node(EnhancementCurves(frame_times=list(ctp_input.frame_times), source=source),
                           name="curves")
-    aif = pe.Node(SelectAIF(frame_times=list(ctp_input.frame_times)), name="aif")
-    deconvolve = pe.Node(Deconvolve(frame_times=list(ctp_input.frame_times), method=method),
+    aif = pe.Node(SelectAIF(frame_times=list(ctp_input.frame_times), source=source), name="aif")
+    deconvolve = pe.Node(Deconvolve(frame_times=list(ctp_input.frame_times), method=method,
+                                    source=source),
                          name="deconvolve")
     perfusion = pe.Node(PerfusionMaps(density=density, kh=kh), name="maps")
     fields = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)
@@ -75,7 +79,7 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (perfusion, write, [("cbf", "cbf"), ("cbv", "cbv"), ("mtt", "mtt"), ("tmax", "tmax"),
                             ("ttp", "ttp")]),
         (brain, write, [("out_mask", "brain_mask")]),
-        (smooth, write, [("noise_sd", "noise_sd")]),
+        (smooth, write, [("noise_sd", "noise_sd"), ("sigma_mm", "sigma_mm")]),
         (enhancement, write, [("arrival_frame", "arrival_frame")]),
         (aif, write, [("aif", "aif"), ("aif_info", "aif_info"), ("aif_mask", "aif_mask")]),
     ])
