@@ -1,0 +1,126 @@
+"""End to end: phantom dataset -> ``bids_ctp`` CLI -> derivatives checked against the truth."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from compare_truth import compare  # noqa: E402
+
+from bids_ctp.cli.run import main  # noqa: E402
+from bids_ctp.phantom import make_dataset  # noqa: E402
+
+MAPS = {"cbf": "mL/100g/min", "cbv": "mL/100g", "mtt": "s", "tmax": "s", "ttp": "s"}
+ARTERY, VEIN = 6, 7
+
+# Two independent phantoms: the default layout on a plain grid, and the ISLES'24 layout with
+# an oblique affine, anisotropic sub-millimetre pixels and non-uniform frame times.
+CASES = {
+    "bep024": dict(layout="bep024", shape=(147, 147, 3), spacing=(1.5, 1.5, 5.0), n_frames=50,
+                   seed=3),
+    "isles24-oblique": dict(layout="isles24", orientation="oblique", nonuniform=True,
+                            shape=(250, 220, 2), spacing=(0.8, 0.9, 5.0), seed=4),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def run(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    phantom = make_dataset(root / "bids", **CASES[request.param])
+    out, work = root / "out", root / "work"
+    before = sorted(p.relative_to(phantom.root) for p in phantom.root.rglob("*"))
+    code = main([str(phantom.root), str(out), "participant", "-w", str(work)])
+    assert code == 0
+    assert sorted(p.relative_to(phantom.root) for p in phantom.root.rglob("*")) == before
+    return phantom, out, work
+
+
+def test_outputs_named_on_input_grid_with_units(run):
+    phantom, out, _ = run
+    (image,) = phantom.images
+    ctp = nb.load(image.ctp)
+    prefix = image.ctp.name.split("_ctp")[0]
+    perf = out / image.ctp.parent.relative_to(phantom.root)
+    perf = perf.parent / "perf" if perf.name == "ct" else perf / "perf"
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "bids_ctp"
+    for name, unit in MAPS.items():
+        img = nb.load(perf / f"{prefix}_desc-nlr_{name}.nii.gz")
+        assert img.shape == ctp.shape[:3]
+        np.testing.assert_allclose(img.affine, ctp.affine, atol=1e-5)
+        assert img.get_data_dtype() == np.float32
+        sidecar = json.loads((perf / f"{prefix}_desc-nlr_{name}.json").read_text())
+        assert sidecar["Units"] == unit
+        assert sidecar["TissueDensity"] == 1.05 and sidecar["HematocritFactor"] == 0.73
+        assert sidecar["FrameTimesStart"] == pytest.approx(phantom.frame_times)
+        assert sidecar["Sources"] == [f"bids:raw:{image.ctp.relative_to(phantom.root).as_posix()}"]
+    for desc in ("brain", "aif"):
+        assert nb.load(perf / f"{prefix}_desc-{desc}_mask.nii.gz").shape == ctp.shape[:3]
+    aif = np.loadtxt(perf / f"{prefix}_desc-nlr_aif.tsv", skiprows=1)
+    assert aif.shape == (len(phantom.frame_times), 2)
+    np.testing.assert_allclose(aif[:, 0], phantom.frame_times, atol=1e-3)
+
+
+def test_accuracy_against_truth(run):
+    phantom, out, _ = run
+    (result,) = compare(phantom.root, out)
+    for region in ("grey_matter", "white_matter"):
+        for name in ("cbf", "cbv", "mtt"):
+            est, truth = result[(name, region)]
+            assert est == pytest.approx(truth, rel=0.15), (name, region, est, truth)
+        est, truth = result[("tmax", region)]
+        assert abs(est - truth) < 0.5, (region, est, truth)
+    core, healthy = result[("cbf", "ischemic_core")][0], result[("cbf", "grey_matter")][0]
+    assert core < 0.4 * healthy
+    assert result["dice"] > 0.95
+
+
+def test_aif_in_artery_not_vein(run):
+    phantom, out, _ = run
+    (result,) = compare(phantom.root, out)
+    per_label = result["aif_labels"]
+    assert per_label[ARTERY] > 0
+    assert per_label[ARTERY] == sum(per_label)  # every AIF voxel lies in an artery
+
+
+def test_rerun_reuses_cached_nodes(run):
+    phantom, out, work = run
+    smoothed = next(work.rglob("ctp_smooth.nii"))
+    stamp = smoothed.stat().st_mtime_ns
+    assert main([str(phantom.root), str(out), "participant", "-w", str(work)]) == 0
+    assert smoothed.stat().st_mtime_ns == stamp
+
+
+def test_constant_image_is_a_one_line_data_error(tmp_path, capsys):
+    phantom = make_dataset(tmp_path / "bids", shape=(60, 60, 1), spacing=(4.0, 4.0, 5.0),
+                           n_frames=12, noise_hu=0.0)
+    (image,) = phantom.images
+    img = nb.load(image.ctp)
+    frozen = np.repeat(np.asarray(img.dataobj)[..., :1], 12, axis=3)
+    nb.save(nb.Nifti1Image(frozen, img.affine, img.header), image.ctp)
+    code = main([str(phantom.root), str(tmp_path / "out"), "participant",
+                 "-w", str(tmp_path / "work")])
+    err = capsys.readouterr().err.strip()
+    assert code == 65
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert image.ctp.name in err and "no contrast bolus" in err
+    assert not list((tmp_path / "out").rglob("*_cbf.nii.gz"))
+
+
+def test_user_brain_mask_on_another_grid_is_rejected(tmp_path, capsys):
+    phantom = make_dataset(tmp_path / "bids", shape=(60, 60, 1), spacing=(4.0, 4.0, 5.0),
+                           n_frames=20, noise_hu=0.0)
+    bad = tmp_path / "mask.nii.gz"
+    nb.save(nb.Nifti1Image(np.ones((10, 10, 1), np.uint8), np.eye(4)), bad)
+    code = main([str(phantom.root), str(tmp_path / "out"), "participant",
+                 "-w", str(tmp_path / "work"), "--brain-mask", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert code == 65 and "mask.nii.gz" in err and "not on the CTP grid" in err
+    assert os.listdir(phantom.root)  # input untouched (checked in detail above)
