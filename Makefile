@@ -19,7 +19,11 @@ test: venv
 demo: venv
 	test -d demo/bids || $(VENV)/bin/bids_ctp-phantom demo/bids --seed 1
 	$(VENV)/bin/bids_ctp demo/bids demo/derivatives participant -w demo/work
-	@echo "Derivatives are in $(CURDIR)/demo/derivatives"
+	@echo "Accuracy against the phantom's ground truth (median per region):"
+	$(VENV)/bin/python benchmarks/compare_truth.py demo/bids demo/derivatives
+	@echo "Input dataset:  $(CURDIR)/demo/bids"
+	@echo "Ground truth:   $(CURDIR)/demo/bids/derivatives/groundtruth"
+	@echo "Derivatives:    $(CURDIR)/demo/derivatives"
 
 clean:
 	rm -rf demo build dist .pytest_cache
