@@ -45,7 +45,7 @@ def _extension(path: Path) -> str:
     return path.suffix
 
 
-def _atomic(path, write) -> Path:
+def atomic_write(path, write) -> Path:
     """Call ``write(tmp_path)`` on a hidden temporary file beside ``path``, then rename it onto ``path``."""
     path = Path(path)
     try:
@@ -79,12 +79,7 @@ def _json_default(obj):
 def write_json(path, obj) -> Path:
     """Write ``obj`` as JSON (indent 2, keys in insertion order), atomically."""
     text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
-
-    def write(tmp):
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-
-    return _atomic(path, write)
+    return write_text(path, text)
 
 
 def write_text(path, text: str) -> Path:
@@ -94,12 +89,12 @@ def write_text(path, text: str) -> Path:
         with open(tmp, "x", encoding="utf-8") as fh:
             fh.write(text)
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def save_nifti(img, path) -> Path:
     """Save a nibabel image atomically (the temporary name keeps ``.nii.gz`` so nibabel compresses it)."""
-    return _atomic(path, lambda tmp: img.to_filename(str(tmp)))
+    return atomic_write(path, lambda tmp: img.to_filename(str(tmp)))
 
 
 def write_dataset_description(output_dir, bids_dir) -> Path:

@@ -5,28 +5,14 @@ import sys
 import types
 from pathlib import Path
 
-import nibabel as nb
-import numpy as np
 import pytest
 
 from bids_ctp import __version__
 from bids_ctp.cli.parser import build_parser
 from bids_ctp.cli.run import GROUP_MESSAGE, main
+from helpers import listing, make_ctp
 
-N = 10
-
-
-def make_ctp(root, rel, sidecar=None, shape=(6, 6, 2, N)):
-    path = Path(root) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nb.save(nb.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), str(path))
-    if sidecar is not None:
-        (path.parent / path.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar))
-    return path
-
-
-def listing(root):
-    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
+N = 12
 
 
 @pytest.fixture

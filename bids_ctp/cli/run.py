@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from ..errors import BidsCtpError, DataError, InputMissingError, OutputError, UsageError
@@ -120,7 +119,7 @@ def _run(args) -> int:
             pass
     wf_config = getattr(wf, "config", None) or {}
     crash_dir = Path((wf_config.get("execution") or {}).get("crashdump_dir") or crash_dir)
-    started = time.time()
+    old_crashes = set(crash_dir.glob("crash-*"))
     try:
         # Series are independent branches; with a single series the chain is sequential and
         # MultiProc would only add scheduling overhead (the smoothing node is multithreaded).
@@ -130,7 +129,7 @@ def _run(args) -> int:
             wf.run()
     except RuntimeError as err:
         LOGGER.debug("workflow failure: %s", err)
-        data_errors = _data_errors(crash_dir, started)
+        data_errors = _data_errors(set(crash_dir.glob("crash-*")) - old_crashes)
         if data_errors:
             for message in data_errors:
                 print(f"bids_ctp: error: {message}", file=sys.stderr)
@@ -142,14 +141,12 @@ def _run(args) -> int:
     return 0
 
 
-def _data_errors(crash_dir: Path, since: float) -> list[str]:
+def _data_errors(crash_files) -> list[str]:
     """Messages of the data errors raised inside workflow nodes (read from nipype crash files)."""
     from nipype.utils.filemanip import loadcrash
 
     messages = []
-    for crash in sorted(Path(crash_dir).glob("crash-*")):
-        if crash.stat().st_mtime < since - 1:
-            continue
+    for crash in sorted(crash_files):
         try:
             lines = "".join(loadcrash(str(crash))["traceback"]).strip().splitlines()
         except Exception:  # an unreadable crash file: fall back to the generic message

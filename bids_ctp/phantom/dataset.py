@@ -28,10 +28,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import nibabel as nib
 from nibabel.openers import ImageOpener
@@ -39,7 +39,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import __version__
+from ..derivatives import atomic_write, write_json, write_text
 from ..errors import OutputError, UsageError
+from ..perfusion.maps import UNITS
 from . import anatomy as an
 from .model import CONSTANTS, RESIDUE_SHAPES, PhantomConstants, arterial_input, tissue_enhancement, true_ttp, venous_output
 
@@ -81,7 +83,6 @@ PERFUSION_TRUTH: dict[int, Truth] = {
     an.SCALP: Truth(8.0, 1.0, 1.0),
 }
 
-MAP_UNITS = {"cbf": "mL/100g/min", "cbv": "mL/100g", "mtt": "s", "tmax": "s", "ttp": "s"}
 MAP_DESCRIPTIONS = {
     "cbf": "True cerebral blood flow used to simulate the tissue curves.",
     "cbv": "True cerebral blood volume used to simulate the tissue curves.",
@@ -158,27 +159,6 @@ def make_affine(shape: Sequence[int], spacing: Sequence[float], orientation: str
 
 
 # ---------------------------------------------------------------- writing helpers
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write via a temporary file in the same directory, then rename (no half-written files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")  # keeps the suffix nibabel keys on
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def _write_json(path: Path, obj: Any) -> Path:
-    return _write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 def _write_nifti(path: Path, data: np.ndarray, affine: NDArray, zooms: Sequence[float]) -> Path:
     img = nib.Nifti1Image(data, affine)
     hdr = img.header
@@ -198,7 +178,7 @@ def _write_nifti(path: Path, data: np.ndarray, affine: NDArray, zooms: Sequence[
             hdr.write_to(fobj)  # 348-byte header + 4-byte empty extension flag
             fobj.write(fortran.T.data)  # NIfTI stores voxels with i fastest (Fortran order)
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def _prepare_output(root: Path) -> None:
@@ -291,7 +271,7 @@ def make_dataset(
 
     # Truth maps (label lookups).
     ttp_by_label = dict(zip(perfused, (float(v) for v in ttps)))
-    lut = {m: np.zeros(n_labels, dtype=np.float32) for m in MAP_UNITS}
+    lut = {m: np.zeros(n_labels, dtype=np.float32) for m in UNITS}
     for k, tr in PERFUSION_TRUTH.items():
         lut["cbf"][k], lut["cbv"][k], lut["mtt"][k] = tr.cbf, tr.cbv, tr.mtt
         lut["tmax"][k], lut["ttp"][k] = tr.delay, ttp_by_label[k]
@@ -329,21 +309,21 @@ def make_dataset(
         }
         if uniform:
             sidecar["RepetitionTime"] = round(float(intervals[0]), 6)
-        _write_json(raw_dir / f"{prefix}_ctp.json", sidecar)
+        write_json(raw_dir / f"{prefix}_ctp.json", sidecar)
         image = PhantomImage(subject=sub, session=ses, ctp=ctp)
 
         tdir = truth_root / rel / "perf"
-        for m, units in MAP_UNITS.items():
+        for m, units in UNITS.items():
             path = tdir / f"{prefix}_desc-groundtruth_{m}.nii.gz"
             image.truth[m] = _write_nifti(path, lut[m][labels], affine, spacing)
-            _write_json(path.with_name(path.name.replace(".nii.gz", ".json")), {"Units": units, "Description": MAP_DESCRIPTIONS[m]})
+            write_json(path.with_name(path.name.replace(".nii.gz", ".json")), {"Units": units, "Description": MAP_DESCRIPTIONS[m]})
         image.truth["dseg"] = _write_nifti(tdir / f"{prefix}_dseg.nii.gz", labels, affine, spacing)
-        _write_text(tdir / f"{prefix}_dseg.tsv", "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in an.LABELS.items()))
+        write_text(tdir / f"{prefix}_dseg.tsv", "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in an.LABELS.items()))
         image.truth["mask"] = _write_nifti(tdir / f"{prefix}_desc-brain_mask.nii.gz", mask, affine, spacing)
         for kind, curve in (("aif", aif), ("vof", vof)):
             rows = "".join(f"{ti:.6g}\t{ci:.6f}\n" for ti, ci in zip(times, curve))
-            image.truth[kind] = _write_text(tdir / f"{prefix}_desc-groundtruth_{kind}.tsv", "time\tenhancement\n" + rows)
-        image.truth["parameters"] = _write_json(
+            image.truth[kind] = write_text(tdir / f"{prefix}_desc-groundtruth_{kind}.tsv", "time\tenhancement\n" + rows)
+        image.truth["parameters"] = write_json(
             tdir / f"{prefix}_desc-groundtruth_parameters.json",
             _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout),
         )
@@ -353,15 +333,15 @@ def make_dataset(
 
 def _write_dataset_files(root: Path, truth_root: Path, layout: str, n_subjects: int) -> None:
     generated = [{"Name": GENERATOR, "Version": __version__}]
-    _write_json(
+    write_json(
         root / "dataset_description.json",
         {"Name": f"bids_ctp digital CTP phantom ({layout} layout)", "BIDSVersion": BIDS_VERSION, "DatasetType": "raw", "GeneratedBy": generated},
     )
-    _write_text(root / ".bidsignore", "*_ctp.*\nct/\n")
-    _write_text(root / "README", "Simulated 4D CT perfusion head scans written by bids_ctp-phantom.\nGround truth: derivatives/groundtruth/.\n")
+    write_text(root / ".bidsignore", "*_ctp.*\nct/\n")
+    write_text(root / "README", "Simulated 4D CT perfusion head scans written by bids_ctp-phantom.\nGround truth: derivatives/groundtruth/.\n")
     subs = [f"sub-{i:02d}" if layout == "bep024" else f"sub-stroke{i:04d}" for i in range(1, n_subjects + 1)]
-    _write_text(root / "participants.tsv", "participant_id\n" + "".join(s + "\n" for s in subs))
-    _write_json(
+    write_text(root / "participants.tsv", "participant_id\n" + "".join(s + "\n" for s in subs))
+    write_json(
         truth_root / "dataset_description.json",
         {
             "Name": "bids_ctp phantom ground truth",
