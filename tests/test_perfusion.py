@@ -108,9 +108,6 @@ def test_time_to_peak_continuous_for_gamma_variate(t0, alpha, beta):
     assert abs(T_NONUNIFORM[np.argmax(y)] - truth) > abs(ttp - truth)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: time_to_peak returns the second-to-last (second) frame "
-                   "time when the maximum is at the last (first) frame and the three end samples "
-                   "are collinear or convex (parabolic_vertex falls back to the middle point)")
 def test_time_to_peak_at_the_ends_of_the_scan():
     t = np.arange(10.0)
     assert cv.time_to_peak(t, 2.0 * t)[()] == pytest.approx(9.0)  # still rising at scan end
@@ -482,10 +479,6 @@ def test_deconvolve_rejects_unknown_method():
         dc.deconvolve(np.zeros((1, 10)), np.ones(10), 1.0, "nlr")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: deconvolve(..., 'ssvd') reports Tmax = -dt/2 (and "
-                   "extrapolates flow) when k peaks at its first sample: the clamped left "
-                   "neighbour duplicates the peak, so the parabola vertex is put half a sample "
-                   "before t = 0, impossible for a causal residue")
 def test_ssvd_tmax_not_negative_for_zero_delay():
     times = np.arange(0.0, 60.0)
     aif = arterial_input(times)

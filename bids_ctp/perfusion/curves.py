@@ -59,12 +59,14 @@ def time_to_peak(times: np.ndarray, curves: np.ndarray) -> np.ndarray:
     rather than a multiple of the frame interval.
     """
     t = np.asarray(times, dtype=np.float64)
-    k = np.argmax(curves, axis=-1)
-    k = np.clip(k, 1, len(t) - 2)
+    peak = np.argmax(curves, axis=-1)
+    k = np.clip(peak, 1, len(t) - 2)
     y0 = np.take_along_axis(curves, (k - 1)[..., None], -1)[..., 0].astype(np.float64)
     y1 = np.take_along_axis(curves, k[..., None], -1)[..., 0].astype(np.float64)
     y2 = np.take_along_axis(curves, (k + 1)[..., None], -1)[..., 0].astype(np.float64)
-    return parabolic_vertex(t[k - 1], t[k], t[k + 1], y0, y1, y2).astype(np.float32)
+    vertex = parabolic_vertex(t[k - 1], t[k], t[k + 1], y0, y1, y2)
+    # a maximum on the first or last frame cannot be refined: report that frame
+    return np.where(peak == k, vertex, t[peak]).astype(np.float32)
 
 
 def parabolic_vertex(t0, t1, t2, y0, y1, y2):
