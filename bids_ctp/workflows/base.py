@@ -14,6 +14,7 @@ import re
 
 from nipype.pipeline import engine as pe
 
+from bids_ctp import __version__
 from bids_ctp.interfaces.derivatives import WriteDerivatives
 from bids_ctp.interfaces.perfusion import (BrainMask, Deconvolve, EnhancementCurves, LoadCTP,
                                            PerfusionMaps, SelectAIF, SmoothCTP)
@@ -22,7 +23,9 @@ from bids_ctp.perfusion.maps import DEFAULT_DENSITY, DEFAULT_KH
 
 def init_bids_ctp_wf(inputs, output_dir, work_dir, options=None) -> pe.Workflow:
     """Top-level workflow over all selected CTP series (``list[CTPInput]``)."""
-    wf = pe.Workflow(name="bids_ctp_wf", base_dir=os.fspath(work_dir))
+    # versioned name: a new release never reuses results cached by an older one
+    wf = pe.Workflow(name=f"bids_ctp_{__version__.replace('.', '_')}_wf",
+                     base_dir=os.fspath(work_dir))
     wf.config["execution"]["crashdump_dir"] = os.path.join(os.fspath(work_dir), "crash")
     wf.config["execution"]["remove_unnecessary_outputs"] = False
     # nipype's default 2 s scheduler poll would dominate a run of a few seconds
