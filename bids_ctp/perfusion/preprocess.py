@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-TARGET_NOISE_HU = 2.0  # residual per-frame noise the smoothing aims for
+TARGET_NOISE_HU = 1.5  # residual per-frame noise the smoothing aims for
 SIGMA_RANGE_MM = (1.0, 3.0)  # spatial Gaussian sigma bounds; neighbourhood truncated at 2 sigma
 RANGE_SIGMA_IN_NOISE_UNITS = 2.5  # range sigma = this x noise of the time-averaged guide
 SOFT_TISSUE_HU = (-50.0, 150.0)  # voxels used to estimate the noise
