@@ -111,14 +111,10 @@ def _run(args) -> int:
     _setup_nipype(args.verbose, crash_dir)
     from ..workflows.base import init_bids_ctp_wf
 
+    # the workflow copies nipype's global config (crash dir set above) when it is created
     wf = init_bids_ctp_wf(inputs, output_dir=output_dir, work_dir=work_dir, options=args)
     if getattr(wf, "base_dir", None) is None:
-        try:
-            wf.base_dir = str(work_dir)
-        except AttributeError:
-            pass
-    wf_config = getattr(wf, "config", None) or {}
-    crash_dir = Path((wf_config.get("execution") or {}).get("crashdump_dir") or crash_dir)
+        wf.base_dir = str(work_dir)
     old_crashes = set(crash_dir.glob("crash-*"))
     try:
         # Series are independent branches; with a single series the chain is sequential and

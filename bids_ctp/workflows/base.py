@@ -26,7 +26,6 @@ def init_bids_ctp_wf(inputs, output_dir, work_dir, options=None) -> pe.Workflow:
     # versioned name: a new release never reuses results cached by an older one
     wf = pe.Workflow(name=f"bids_ctp_{__version__.replace('.', '_')}_wf",
                      base_dir=os.fspath(work_dir))
-    wf.config["execution"]["crashdump_dir"] = os.path.join(os.fspath(work_dir), "crash")
     wf.config["execution"]["remove_unnecessary_outputs"] = False
     # nipype's default 2 s scheduler poll would dominate a run of a few seconds
     wf.config["execution"]["poll_sleep_duration"] = 0.05
@@ -42,19 +41,17 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
     kh = getattr(options, "kh", DEFAULT_KH)
     threads = max(1, int(getattr(options, "nprocs", None) or os.cpu_count() or 1))
 
+    times = list(ctp_input.frame_times)
     wf = pe.Workflow(name=re.sub(r"\W", "_", ctp_input.name) + "_wf")
-    load = pe.Node(LoadCTP(in_file=os.fspath(ctp_input.path),
-                           frame_times=list(ctp_input.frame_times)), name="load")
+    load = pe.Node(LoadCTP(in_file=os.fspath(ctp_input.path), frame_times=times), name="load")
     smooth = pe.Node(SmoothCTP(n_threads=threads), name="smooth", n_procs=threads)
     source = ctp_input.path.name  # named in data-error messages
     brain = pe.Node(BrainMask(source=source), name="brain_mask")
     if ctp_input.brain_mask is not None:
         brain.inputs.user_mask = os.fspath(ctp_input.brain_mask)
-    enhancement = pe.Node(EnhancementCurves(frame_times=list(ctp_input.frame_times), source=source),
-                          name="curves")
-    aif = pe.Node(SelectAIF(frame_times=list(ctp_input.frame_times), source=source), name="aif")
-    deconvolve = pe.Node(Deconvolve(frame_times=list(ctp_input.frame_times), method=method,
-                                    source=source),
+    enhancement = pe.Node(EnhancementCurves(frame_times=times, source=source), name="curves")
+    aif = pe.Node(SelectAIF(frame_times=times, source=source), name="aif")
+    deconvolve = pe.Node(Deconvolve(frame_times=times, method=method, source=source),
                          name="deconvolve")
     perfusion = pe.Node(PerfusionMaps(density=density, kh=kh), name="maps")
     fields = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)
