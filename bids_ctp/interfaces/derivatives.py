@@ -60,7 +60,8 @@ class WriteDerivatives(SimpleInterface):
             "SmoothingFilter": "cross-bilateral, guided by the time-averaged image",
             "SmoothingSigma": round(inp.sigma_mm, 3), "SmoothingSigmaUnits": "mm",
             "ValuesOutsideBrain": 0,
-            "TimeZero": "start of the first frame (FrameTimesStart[0])",
+            # not BIDS "TimeZero" (a clock time in PET-BIDS): the origin of TTP and AIF times
+            "TimeOrigin": "start of the first frame (FrameTimesStart[0])",
         }
         out = []
 

@@ -177,7 +177,8 @@ class SelectAIF(SimpleInterface):
     def _run_interface(self, runtime):
         brain, tissue = _enhancement(self.inputs)
         voxels = np.argwhere(brain)
-        result = aif_stage.select_aif(tissue, voxels, brain.shape, self.inputs.frame_times,
+        times = np.asarray(self.inputs.frame_times) - self.inputs.frame_times[0]  # as for TTP
+        result = aif_stage.select_aif(tissue, voxels, brain.shape, times,
                                       images.spacing(self.inputs.mask),
                                       self.inputs.source)
         chosen = np.zeros(brain.shape, dtype=np.uint8)
