@@ -212,22 +212,22 @@ def _warn_ignored_interval(path, field, frame_interval):
         LOGGER.warning("%s: using %s from the sidecar; --frame-interval is ignored for this file", path, field)
 
 
-def _mask_for(template: str, ents: dict, path: Path) -> Path:
+def _mask_for(template: str, ents: dict, path: Path, kind: str = "brain") -> Path:
     mask = template
     if "{subject}" in mask:
         mask = mask.replace("{subject}", ents["subject"])
     if "{session}" in mask:
         if "session" not in ents:
-            raise UsageError(f"--brain-mask {template} uses {{session}}, but {path.name} has no session")
+            raise UsageError(f"--{kind}-mask {template} uses {{session}}, but {path.name} has no session")
         mask = mask.replace("{session}", ents["session"])
     mask_path = Path(mask).expanduser().absolute()
     if not mask_path.is_file():
-        raise InputMissingError(f"brain mask not found: {mask_path} (for {path.name})")
+        raise InputMissingError(f"{kind} mask not found: {mask_path} (for {path.name})")
     return mask_path
 
 
 def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_interval=None,
-                   brain_mask=None) -> list[CTPInput]:
+                   brain_mask=None, aif_mask=None, vof_mask=None) -> list[CTPInput]:
     """All selected CTP series of ``bids_dir``, validated (4D, frame timing, mask present), sorted by path.
 
     Raises InputMissingError (unknown labels, no CTP series, missing mask), DataError (unusable image or
@@ -276,10 +276,11 @@ def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_i
     if not found:  # e.g. every selected participant lacks the selected sessions
         raise InputMissingError(f"{bids_dir}: no CTP images match the selected participants/sessions")
 
-    if brain_mask is not None:
-        brain_mask = str(brain_mask)
-        if "{subject}" not in brain_mask and "{session}" not in brain_mask and len(found) > 1:
-            raise UsageError(f"--brain-mask {brain_mask} has no {{subject}}/{{session}} placeholder but "
+    templates = {kind: str(t) for kind, t in
+                 (("brain", brain_mask), ("aif", aif_mask), ("vof", vof_mask)) if t is not None}
+    for kind, template in templates.items():
+        if "{subject}" not in template and "{session}" not in template and len(found) > 1:
+            raise UsageError(f"--{kind}-mask {template} has no {{subject}}/{{session}} placeholder but "
                              f"{len(found)} CTP series are selected; use e.g. masks/sub-{{subject}}_mask.nii.gz "
                              "or select one series with --participant-label/--session-label")
 
@@ -292,9 +293,9 @@ def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_i
         except Exception as err:
             raise DataError(f"{path}: cannot read the JSON sidecar: {_one_line(err)}") from err
         times, source = resolve_frame_times(path, metadata, n_frames, frame_interval)
-        mask = _mask_for(brain_mask, ents, path) if brain_mask is not None else None
+        masks = {f"{kind}_mask": _mask_for(t, ents, path, kind) for kind, t in templates.items()}
         item = CTPInput(path=path, relpath=relpath, entities=ents, frame_times=times, timing_source=source,
-                        metadata=metadata, brain_mask=mask)
+                        metadata=metadata, **masks)
         if item.name in by_name:
             raise DataError(f"{relpath} and {by_name[item.name]} would write the same outputs ({item.name}_*); "
                             "keep one of them or tell them apart with acq-/run- entities")

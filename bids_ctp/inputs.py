@@ -17,6 +17,8 @@ class CTPInput:
     timing_source: str  # e.g. "FrameTimesStart", "RepetitionTime", "--frame-interval"
     metadata: dict = field(default_factory=dict)  # the JSON sidecar (empty when there is none)
     brain_mask: Path | None = None  # user-supplied mask on the same grid, or None for the automatic one
+    aif_mask: Path | None = None  # user-chosen arterial voxels, or None for automatic selection
+    vof_mask: Path | None = None  # user-chosen venous voxels, or None for automatic selection
 
     @property
     def name(self) -> str:

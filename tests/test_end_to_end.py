@@ -63,9 +63,12 @@ def test_outputs_named_on_input_grid_with_units(run):
         assert sidecar["Sources"] == [f"bids:raw:{image.ctp.relative_to(phantom.root).as_posix()}"]
     for desc in ("brain", "aif"):
         assert nb.load(perf / f"{prefix}_desc-{desc}_mask.nii.gz").shape == ctp.shape[:3]
-    aif = np.loadtxt(perf / f"{prefix}_desc-nlr_aif.tsv", skiprows=1)
-    assert aif.shape == (len(phantom.frame_times), 2)
-    np.testing.assert_allclose(aif[:, 0], phantom.frame_times, atol=1e-3)
+    for kind, columns in (("aif", 3), ("vof", 2)):  # time, enhancement[, measured]
+        curve = np.loadtxt(perf / f"{prefix}_desc-nlr_{kind}.tsv", skiprows=1)
+        assert curve.shape == (len(phantom.frame_times), columns)
+        np.testing.assert_allclose(curve[:, 0], phantom.frame_times, atol=1e-3)
+        info = json.loads((perf / f"{prefix}_desc-nlr_{kind}.json").read_text())
+        assert info["time"]["Units"] == "s" and info["enhancement"]["Units"] == "HU"
 
 
 def test_accuracy_against_truth(run):
@@ -80,6 +83,52 @@ def test_accuracy_against_truth(run):
     core, healthy = result[("cbf", "ischemic_core")][0], result[("cbf", "grey_matter")][0]
     assert core < 0.4 * healthy
     assert result["dice"] > 0.95
+
+
+def test_vof_in_vein(run):
+    phantom, out, _ = run
+    (image,) = phantom.images
+    prefix = image.ctp.name.split("_ctp")[0]
+    vof = next(out.rglob(f"{prefix}_desc-vof_mask.nii.gz"))
+    labels = np.asarray(nb.load(image.truth["dseg"]).dataobj)
+    selected = labels[np.asarray(nb.load(vof).dataobj) > 0]
+    assert selected.size and np.all(selected == VEIN)
+
+
+@pytest.fixture(scope="module")
+def partial_volume_phantom(tmp_path_factory):
+    """2.5 mm pixels: no artery voxel is free of partial volume (MCA radius 2.5 mm)."""
+    root = tmp_path_factory.mktemp("pv")
+    return make_dataset(root / "bids", shape=(88, 88, 4), spacing=(2.5, 2.5, 5.0), seed=5)
+
+
+@pytest.mark.parametrize("scaling", [True, False])
+def test_vof_scaling_corrects_partial_volume(partial_volume_phantom, tmp_path, scaling):
+    out = tmp_path / "out"
+    args = [str(partial_volume_phantom.root), str(out), "participant", "-w", str(tmp_path / "w")]
+    assert main(args + ([] if scaling else ["--no-vof-scaling"])) == 0
+    (result,) = compare(partial_volume_phantom.root, out)
+    est, truth = result[("cbf", "grey_matter")]
+    if scaling:
+        assert est == pytest.approx(truth, rel=0.10)
+    else:  # the partial-volumed AIF is too small, so CBF comes out too high
+        assert est > 1.15 * truth
+
+
+def test_user_aif_mask(partial_volume_phantom, tmp_path):
+    """--aif-mask averages exactly the user's voxels (here the truth artery label)."""
+    (image,) = partial_volume_phantom.images
+    dseg = nb.load(image.truth["dseg"])
+    artery = (np.asarray(dseg.dataobj) == ARTERY).astype(np.uint8)
+    mask = tmp_path / "artery.nii.gz"
+    nb.save(nb.Nifti1Image(artery, dseg.affine), mask)
+    out = tmp_path / "out"
+    assert main([str(partial_volume_phantom.root), str(out), "participant", "-w",
+                 str(tmp_path / "w"), "--aif-mask", str(mask)]) == 0
+    used = next(out.rglob("*_desc-aif_mask.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(nb.load(used).dataobj), artery)
+    info = json.loads(next(out.rglob("*_desc-nlr_aif.json")).read_text())
+    assert info["Selection"] == "user mask" and info["NumberOfVoxels"] == artery.sum()
 
 
 def test_aif_in_artery_not_vein(run):

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "e.g. masks/sub-{subject}_ses-{session}_mask.nii.gz; without a placeholder it is "
                              "only allowed when a single CTP series is selected")
 
+    for kind, what in (("aif", "arterial input function (voxels in a large artery)"),
+                       ("vof", "venous output function (voxels in a large venous sinus)")):
+        timing.add_argument(f"--{kind}-mask", f"--{kind}_mask", dest=f"{kind}_mask", metavar="PATH",
+                            help=f"mask (NIfTI, non-zero = selected) on the CTP grid whose voxels are "
+                                 f"averaged into the {what}, instead of the automatic choice; "
+                                 "placeholders as for --brain-mask")
     model = parser.add_argument_group("perfusion model")
     model.add_argument("--deconvolution", choices=["nlr", "csvd", "ssvd"], default="nlr",
                        help="deconvolution of tissue curves by the arterial input function: 'nlr' = "
@@ -113,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "SVD is not); 'csvd' = block-circulant truncated SVD (threshold 10 %%), "
                             "insensitive to bolus delay; 'ssvd' = standard truncated SVD (threshold "
                             "20 %%), biased by bolus delay (default: %(default)s)")
+    model.add_argument("--no-vof-scaling", "--no_vof_scaling", dest="vof_scaling",
+                       action="store_false",
+                       help="do not scale the AIF so that its first-pass area equals the venous "
+                            "output function's (the scaling corrects partial volume in the artery; "
+                            "it is never applied to make the AIF smaller)")
     model.add_argument("--density", type=_positive_float, default=1.05, metavar="G_PER_ML",
                        help="brain tissue density in g/mL, converts CBF/CBV to per-100-g units "
                             "(default: %(default)s)")

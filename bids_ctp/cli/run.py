@@ -100,7 +100,8 @@ def _run(args) -> int:
     # All validation happens here, before anything is written.
     inputs = collect_inputs(bids_dir, participant_label=args.participant_label,
                             session_label=args.session_label, frame_interval=args.frame_interval,
-                            brain_mask=args.brain_mask)
+                            brain_mask=args.brain_mask, aif_mask=args.aif_mask,
+                            vof_mask=args.vof_mask)
     LOGGER.info("%d CTP series selected: %s", len(inputs), ", ".join(i.name for i in inputs))
 
     _make_dir("output directory", output_dir)

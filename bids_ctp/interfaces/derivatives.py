@@ -23,8 +23,12 @@ class _WriterInput(BaseInterfaceInputSpec):
     sigma_mm = traits.Float(mandatory=True)
     arrival_frame = traits.Int(mandatory=True)
     aif = traits.List(traits.Float, mandatory=True)
+    aif_measured = traits.List(traits.Float, mandatory=True)
     aif_info = traits.Dict(mandatory=True)
     aif_mask = File(exists=True, mandatory=True)
+    vof = traits.List(traits.Float, mandatory=True)
+    vof_info = traits.Dict(mandatory=True)
+    vof_mask = File(exists=True, mandatory=True)
     brain_mask = File(exists=True, mandatory=True)
     user_mask = traits.Bool(False, usedefault=True)
     cbf = File(exists=True, mandatory=True)
@@ -82,18 +86,30 @@ class WriteDerivatives(SimpleInterface):
              {"Type": "Brain", "Sources": [source],
               "Description": "user-supplied brain mask" if inp.user_mask
               else "automatic brain mask (intracranial soft tissue)"}, np.uint8)
-        save(inp.aif_mask, "mask", "aif",
-             {"Type": "ROI", "Sources": [source],
-              "Description": "voxels averaged into the arterial input function"}, np.uint8)
-        tsv = derivatives.output_path(inp.output_dir, ctp, "aif", inp.method, ".tsv")
-        rows = "".join(f"{t:.4f}\t{v:.4f}\n" for t, v in zip(times, inp.aif))
-        derivatives.write_text(tsv, "time\tenhancement\n" + rows)
-        derivatives.write_json(tsv.with_suffix(".json"), {
-            "Description": "Arterial input function: mean enhancement of the AIF voxels",
-            "time": {"Description": "frame start time", "Units": "s"},
-            "enhancement": {"Description": "HU above the pre-bolus baseline", "Units": "HU"},
-            "Sources": [source], **inp.aif_info,
-        })
-        out.append(str(tsv))
+        vessels = {
+            "aif": ("arterial input function", {"enhancement": inp.aif,
+                                                "measured": inp.aif_measured}, inp.aif_info),
+            "vof": ("venous output function", {"enhancement": inp.vof}, inp.vof_info),
+        }
+        for kind, (what, columns, info) in vessels.items():
+            if not columns["enhancement"]:  # no VOF found
+                continue
+            save(getattr(inp, f"{kind}_mask"), "mask", kind,
+                 {"Type": "ROI", "Sources": [source],
+                  "Description": f"voxels averaged into the {what}"}, np.uint8)
+            tsv = derivatives.output_path(inp.output_dir, ctp, kind, inp.method, ".tsv")
+            rows = "".join("\t".join(f"{v:.4f}" for v in row) + "\n"
+                           for row in zip(times, *columns.values()))
+            derivatives.write_text(tsv, "\t".join(["time", *columns]) + "\n" + rows)
+            derivatives.write_json(tsv.with_suffix(".json"), {
+                "Description": f"{what[0].upper()}{what[1:]}: mean enhancement of its voxels",
+                "time": {"Description": "frame start time", "Units": "s"},
+                "enhancement": {"Description": "HU above the pre-bolus baseline, as used "
+                                "(the AIF after VOF scaling)", "Units": "HU"},
+                **({"measured": {"Description": "AIF before VOF scaling", "Units": "HU"}}
+                   if "measured" in columns else {}),
+                "Sources": [source], **info,
+            })
+            out.append(str(tsv))
         self._results["out_files"] = out
         return runtime

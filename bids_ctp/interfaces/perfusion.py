@@ -104,12 +104,7 @@ class BrainMask(SimpleInterface):
     def _run_interface(self, runtime):
         ref = nb.load(self.inputs.mean_file)
         if isdefined(self.inputs.user_mask):
-            user = nb.load(self.inputs.user_mask)
-            if user.shape[:3] != ref.shape[:3] or not np.allclose(user.affine, ref.affine,
-                                                                   atol=1e-3):
-                raise DataError(f"{os.path.basename(self.inputs.user_mask)}: brain mask is not "
-                                f"on the CTP grid (shape {user.shape}, expected {ref.shape[:3]})")
-            brain = np.asarray(user.dataobj).reshape(ref.shape[:3]) > 0
+            brain = _user_mask(self.inputs.user_mask, self.inputs.mean_file)
         else:
             brain = mask.brain_mask(images.load(self.inputs.mean_file), ref.header.get_zooms()[:3],
                                     mask.slice_axis_from_affine(ref.affine))
@@ -154,7 +149,7 @@ class EnhancementCurves(SimpleInterface):
         return runtime
 
 
-class _AIFInput(BaseInterfaceInputSpec):
+class _EnhancementInput(BaseInterfaceInputSpec):
     source = traits.Str("image", usedefault=True, desc="input file name for error messages")
     in_file = File(exists=True, mandatory=True, desc="smoothed 4D CTP")
     mask = File(exists=True, mandatory=True)
@@ -162,39 +157,94 @@ class _AIFInput(BaseInterfaceInputSpec):
     frame_times = traits.List(traits.Float, mandatory=True)
 
 
-class _AIFOutput(TraitedSpec):
-    aif = traits.List(traits.Float, desc="AIF enhancement (HU) at the frame times")
+class _VesselInput(_EnhancementInput):
+    arrival_frame = traits.Int(mandatory=True, desc="frames before it are baseline")
+    aif_mask = File(exists=True, desc="user-chosen arterial voxels")
+    vof_mask = File(exists=True, desc="user-chosen venous voxels")
+    vof_scaling = traits.Bool(True, usedefault=True, desc="scale the AIF to the VOF's area")
+
+
+class _VesselOutput(TraitedSpec):
+    aif = traits.List(traits.Float, desc="AIF used for deconvolution (HU, after VOF scaling)")
+    aif_measured = traits.List(traits.Float, desc="AIF as measured (HU)")
     aif_mask = File(exists=True)
-    aif_info = traits.Dict(desc="peak, TTP, voxel count, gamma-variate fit and score")
+    aif_info = traits.Dict(desc="peak, TTP, voxel count, gamma-variate fit, score, scale factor")
+    vof = traits.List(traits.Float, desc="VOF (HU); empty when none was found")
+    vof_mask = File(exists=True)
+    vof_info = traits.Dict()
 
 
-class SelectAIF(SimpleInterface):
-    """Automatic arterial input function."""
+class SelectVessels(SimpleInterface):
+    """Arterial input and venous output functions (automatic or user masks), VOF scaling."""
 
-    input_spec = _AIFInput
-    output_spec = _AIFOutput
+    input_spec = _VesselInput
+    output_spec = _VesselOutput
 
     def _run_interface(self, runtime):
-        brain, tissue = _enhancement(self.inputs)
+        inp = self.inputs
+        times = np.asarray(inp.frame_times) - inp.frame_times[0]  # as for TTP
+        brain, tissue = _enhancement(inp)
         voxels = np.argwhere(brain)
-        times = np.asarray(self.inputs.frame_times) - self.inputs.frame_times[0]  # as for TTP
-        result = aif_stage.select_aif(tissue, voxels, brain.shape, times,
-                                      images.spacing(self.inputs.mask),
-                                      self.inputs.source)
-        chosen = np.zeros(brain.shape, dtype=np.uint8)
-        chosen[tuple(result.voxels.T)] = 1
-        self._results["aif"] = [float(v) for v in result.curve]
-        self._results["aif_mask"] = images.save_like(chosen, self.inputs.mask, "aif_mask.nii",
-                                                     np.uint8)
-        self._results["aif_info"] = {
-            "PeakEnhancement": result.peak_hu, "TimeToPeak": result.ttp_s,
-            "NumberOfVoxels": int(len(result.voxels)),
-            "GammaVariateFit": result.fit, "QualityScore": result.fit["r2"],
-        }
+        spacing = images.spacing(inp.mask)
+        if isdefined(inp.aif_mask):
+            aif = self._user_curve(inp.aif_mask, times)
+        else:
+            aif = aif_stage.select_aif(tissue, voxels, brain.shape, times, spacing, inp.source)
+        if isdefined(inp.vof_mask):
+            vof = self._user_curve(inp.vof_mask, times)
+        else:
+            vof = aif_stage.select_vof(tissue, voxels, brain.shape, times, spacing, inp.source)
+        scale = aif_stage.vof_scale_factor(aif, vof) if inp.vof_scaling else 1.0
+        self._results["aif"] = [float(v) * scale for v in aif.curve]
+        self._results["aif_measured"] = [float(v) for v in aif.curve]
+        self._results["aif_mask"] = self._save_voxels(aif, brain.shape, "aif_mask.nii")
+        self._results["aif_info"] = {**_vessel_info(aif), "VOFScaleFactor": scale,
+                                     "VOFScaling": bool(inp.vof_scaling),
+                                     "Selection": "user mask" if isdefined(inp.aif_mask)
+                                     else "automatic"}
+        self._results["vof"] = [] if vof is None else [float(v) for v in vof.curve]
+        self._results["vof_mask"] = self._save_voxels(vof, brain.shape, "vof_mask.nii")
+        self._results["vof_info"] = {} if vof is None else {
+            **_vessel_info(vof),
+            "Selection": "user mask" if isdefined(inp.vof_mask) else "automatic"}
         return runtime
 
+    def _user_curve(self, mask_file, times):
+        """Mean enhancement of a user's mask, after checking it lies on the CTP grid."""
+        selected = _user_mask(mask_file, self.inputs.mask)
+        if not selected.any():
+            raise DataError(f"{os.path.basename(mask_file)}: mask selects no voxel")
+        data = images.load(self.inputs.in_file)[selected]
+        enhancement = data - curves.baseline(data, self.inputs.arrival_frame,
+                                             self.inputs.source)[:, None]
+        return aif_stage.vessel_curve(enhancement, np.argwhere(selected),
+                                      np.arange(len(enhancement)), times)
 
-class _DeconvInput(_AIFInput):
+    def _save_voxels(self, vessel, shape, filename):
+        chosen = np.zeros(shape, dtype=np.uint8)
+        if vessel is not None:
+            chosen[tuple(vessel.voxels.T)] = 1
+        return images.save_like(chosen, self.inputs.mask, filename, np.uint8)
+
+
+def _vessel_info(vessel) -> dict:
+    return {"PeakEnhancement": vessel.peak_hu, "TimeToPeak": vessel.ttp_s,
+            "NumberOfVoxels": int(len(vessel.voxels)), "GammaVariateFit": vessel.fit,
+            "QualityScore": vessel.fit["r2"],
+            "FirstPassArea": aif_stage.gamma_variate_area(vessel.fit)}
+
+
+def _user_mask(mask_file, reference) -> np.ndarray:
+    """A user-supplied mask as booleans, or a DataError when it is not on the CTP grid."""
+    ref = nb.load(reference)
+    user = nb.load(mask_file)
+    if user.shape[:3] != ref.shape[:3] or not np.allclose(user.affine, ref.affine, atol=1e-3):
+        raise DataError(f"{os.path.basename(mask_file)}: mask is not on the CTP grid "
+                        f"(shape {user.shape}, expected {ref.shape[:3]})")
+    return np.asarray(user.dataobj).reshape(ref.shape[:3]) > 0
+
+
+class _DeconvInput(_EnhancementInput):
     aif = traits.List(traits.Float, mandatory=True)
     method = traits.Enum(*deconvolution.METHODS, usedefault=True)
 

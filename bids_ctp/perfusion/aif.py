@@ -8,6 +8,11 @@ partial-volumed artery, but it peaks seconds later, so only clusters whose time 
 ``EARLY_WINDOW_S`` of the earliest cluster stay. From these, the most strongly enhancing voxels
 (the centres of the largest arteries, least partial-volumed) are averaged. The mean curve is fitted
 with a gamma variate over its first pass; R² of that fit is the quality score.
+
+Venous output function (VOF): the largest cluster peaking later than the arteries (the superior
+sagittal sinus), its voxels with the largest area. All contrast that enters the brain leaves
+through the veins, so the VOF's first-pass area equals the true AIF's; a partial-volumed AIF
+has less, and is scaled up to the VOF's area (``vof_scale_factor``).
 """
 from __future__ import annotations
 
@@ -16,19 +21,21 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import curve_fit
+from scipy.special import gammaln
 
 from bids_ctp.errors import DataError
-from bids_ctp.perfusion.curves import time_to_peak
+from bids_ctp.perfusion.curves import area_under_curve, time_to_peak
 
 CANDIDATE_FRACTION = 0.3  # of the 99.9th percentile of peak enhancement in the brain
 MIN_CLUSTER_MM3 = 2.0  # smaller bright clusters are noise or tiny vessels
 EARLY_WINDOW_S = 2.0  # clusters peaking later than the earliest one + this are veins
 CENTRE_FRACTION = 0.8  # keep voxels reaching this fraction of the best early voxel's peak
 MAX_AIF_VOXELS = 40
+MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 
 
 @dataclass
-class AIF:
+class VesselCurve:
     curve: np.ndarray  # enhancement (HU) at the frame times
     voxels: np.ndarray  # (n, 3) voxel indices of the voxels averaged
     peak_hu: float
@@ -69,14 +76,18 @@ def fit_gamma_variate(times, curve) -> dict:
     return {**{k: float(v) for k, v in zip(keys, params)}, "r2": r2}
 
 
-def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
-               source: str = "image") -> AIF:
-    """Pick the AIF among brain voxels.
+def gamma_variate_area(fit: dict) -> float:
+    """Analytic area (HU·s) of a fitted peak-normalised gamma variate."""
+    a, b = fit["alpha"], fit["beta_s"]
+    return float(fit["amplitude_hu"] * b * np.exp(a + gammaln(a + 1) - a * np.log(a)))
 
-    ``enhancement`` (n, T) are the baseline-subtracted curves of the voxels at indices
-    ``voxels`` (n, 3) of a volume of ``shape``; ``spacing`` in mm.
+
+def _vessel_clusters(enhancement, voxels, shape, times, spacing, source):
+    """Bright voxels grouped into connected vessel-sized clusters.
+
+    Returns candidate indices, each candidate's cluster label, each cluster's median time to
+    peak (inf for clusters too small to be a vessel) and each candidate's peak enhancement.
     """
-    times = np.asarray(times, float)
     peak = enhancement.max(axis=1)
     threshold = CANDIDATE_FRACTION * np.percentile(peak, 99.9)
     candidates = np.flatnonzero(peak >= threshold)
@@ -95,12 +106,70 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
             cluster_ttp[label] = np.median(ttp[cluster_of == label])
     if not np.isfinite(cluster_ttp).any():
         raise DataError(f"{source}: no arterial input candidate (no vessel-sized cluster)")
-    early = np.isin(cluster_of, np.flatnonzero(cluster_ttp <= cluster_ttp.min() + EARLY_WINDOW_S))
-    early_idx = candidates[early]
-    early_peak = peak[early_idx]
-    chosen = early_idx[early_peak >= CENTRE_FRACTION * early_peak.max()]
-    chosen = chosen[np.argsort(peak[chosen])[::-1][:MAX_AIF_VOXELS]]
+    return candidates, cluster_of, cluster_ttp, peak[candidates]
+
+
+def vessel_curve(enhancement, voxels, chosen, times) -> VesselCurve:
+    """Mean curve of the ``chosen`` rows, with its peak, time to peak and gamma-variate fit."""
+    times = np.asarray(times, float)
     curve = enhancement[chosen].mean(axis=0)
-    return AIF(curve=curve.astype(np.float32), voxels=voxels[chosen], peak_hu=float(curve.max()),
-               ttp_s=float(time_to_peak(times, curve[None])[0]),
-               fit=fit_gamma_variate(times, curve))
+    return VesselCurve(curve=curve.astype(np.float32), voxels=voxels[chosen],
+                       peak_hu=float(curve.max()),
+                       ttp_s=float(time_to_peak(times, curve[None])[0]),
+                       fit=fit_gamma_variate(times, curve))
+
+
+def _strongest(indices, strength):
+    """The members of ``indices`` reaching CENTRE_FRACTION of the strongest, strongest first."""
+    keep = strength >= CENTRE_FRACTION * strength.max()
+    order = np.argsort(strength[keep])[::-1]
+    return indices[keep][order][:MAX_AIF_VOXELS]
+
+
+def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
+               source: str = "image") -> VesselCurve:
+    """Pick the AIF among brain voxels: the strongest voxels of the earliest vessel clusters.
+
+    ``enhancement`` (n, T) are the baseline-subtracted curves of the voxels at indices
+    ``voxels`` (n, 3) of a volume of ``shape``; ``spacing`` in mm.
+    """
+    times = np.asarray(times, float)
+    candidates, cluster_of, cluster_ttp, peak = _vessel_clusters(
+        enhancement, voxels, shape, times, spacing, source)
+    early = np.isin(cluster_of, np.flatnonzero(cluster_ttp <= cluster_ttp.min() + EARLY_WINDOW_S))
+    return vessel_curve(enhancement, voxels, _strongest(candidates[early], peak[early]), times)
+
+
+def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
+               source: str = "image") -> VesselCurve | None:
+    """Pick the venous output function: the largest-area voxels of the largest late cluster.
+
+    Late = peaking more than EARLY_WINDOW_S after the earliest (arterial) cluster. A venous
+    sinus is wide, so its centre is free of partial volume; its curve area is the reference
+    for the AIF's. Returns None when no late cluster exists.
+    """
+    times = np.asarray(times, float)
+    candidates, cluster_of, cluster_ttp, _ = _vessel_clusters(
+        enhancement, voxels, shape, times, spacing, source)
+    late_labels = np.flatnonzero(np.isfinite(cluster_ttp)
+                                 & (cluster_ttp > cluster_ttp.min() + EARLY_WINDOW_S))
+    if late_labels.size == 0:
+        return None
+    sizes = np.bincount(cluster_of, minlength=len(cluster_ttp))
+    largest = late_labels[np.argmax(sizes[late_labels])]
+    members = candidates[cluster_of == largest]
+    area = area_under_curve(times, enhancement[members])
+    return vessel_curve(enhancement, voxels, _strongest(members, area), times)
+
+
+def vof_scale_factor(aif: VesselCurve, vof: VesselCurve | None) -> float:
+    """Factor that gives the AIF's first pass the VOF's area (partial-volume correction).
+
+    First-pass areas come from the gamma-variate fits, so recirculation and a venous tail cut
+    off by the end of the scan do not bias the ratio. Never below 1: an artery can only lose
+    signal to partial volume, so a smaller VOF means the VOF is the one partial-volumed. 1 when
+    either fit is poor (R² < MIN_FIT_R2) or there is no VOF.
+    """
+    if vof is None or min(aif.fit["r2"], vof.fit["r2"]) < MIN_FIT_R2:
+        return 1.0
+    return max(1.0, gamma_variate_area(vof.fit) / gamma_variate_area(aif.fit))

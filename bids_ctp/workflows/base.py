@@ -17,7 +17,7 @@ from nipype.pipeline import engine as pe
 from bids_ctp import __version__
 from bids_ctp.interfaces.derivatives import WriteDerivatives
 from bids_ctp.interfaces.perfusion import (BrainMask, Deconvolve, EnhancementCurves, LoadCTP,
-                                           PerfusionMaps, SelectAIF, SmoothCTP)
+                                           PerfusionMaps, SelectVessels, SmoothCTP)
 from bids_ctp.perfusion.maps import DEFAULT_DENSITY, DEFAULT_KH
 
 
@@ -50,7 +50,11 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
     if ctp_input.brain_mask is not None:
         brain.inputs.user_mask = os.fspath(ctp_input.brain_mask)
     enhancement = pe.Node(EnhancementCurves(frame_times=times, source=source), name="curves")
-    aif = pe.Node(SelectAIF(frame_times=times, source=source), name="aif")
+    aif = pe.Node(SelectVessels(frame_times=times, source=source,
+                                vof_scaling=getattr(options, "vof_scaling", True)), name="aif")
+    for kind in ("aif", "vof"):
+        if getattr(ctp_input, f"{kind}_mask", None) is not None:
+            setattr(aif.inputs, f"{kind}_mask", os.fspath(getattr(ctp_input, f"{kind}_mask")))
     deconvolve = pe.Node(Deconvolve(frame_times=times, method=method, source=source),
                          name="deconvolve")
     perfusion = pe.Node(PerfusionMaps(density=density, kh=kh), name="maps")
@@ -68,7 +72,7 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (brain, enhancement, [("out_mask", "mask")]),
         (smooth, aif, [("out_file", "in_file")]),
         (brain, aif, [("out_mask", "mask")]),
-        (enhancement, aif, [("baseline", "baseline")]),
+        (enhancement, aif, [("baseline", "baseline"), ("arrival_frame", "arrival_frame")]),
         (smooth, deconvolve, [("out_file", "in_file")]),
         (brain, deconvolve, [("out_mask", "mask")]),
         (enhancement, deconvolve, [("baseline", "baseline")]),
@@ -81,6 +85,8 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (brain, write, [("out_mask", "brain_mask")]),
         (smooth, write, [("noise_sd", "noise_sd"), ("sigma_mm", "sigma_mm")]),
         (enhancement, write, [("arrival_frame", "arrival_frame")]),
-        (aif, write, [("aif", "aif"), ("aif_info", "aif_info"), ("aif_mask", "aif_mask")]),
+        (aif, write, [("aif", "aif"), ("aif_measured", "aif_measured"), ("aif_info", "aif_info"),
+                      ("aif_mask", "aif_mask"), ("vof", "vof"), ("vof_info", "vof_info"),
+                      ("vof_mask", "vof_mask")]),
     ])
     return wf
