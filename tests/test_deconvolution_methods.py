@@ -1,0 +1,195 @@
+"""Known-answer tests of the oSVD and Tikhonov deconvolution methods.
+
+Expected values come from hand calculation or from the parameters the phantom model was built
+with (``bids_ctp.phantom.model``); the bias bounds are the measured, documented behaviour of
+regularised deconvolution (module docstring of ``bids_ctp.perfusion.deconvolution``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bids_ctp.perfusion import deconvolution as dc
+from bids_ctp.perfusion import maps as mp
+from bids_ctp.phantom.model import CONSTANTS, arterial_input, tissue_enhancement
+
+HCT = CONSTANTS.density / CONSTANTS.kh
+TIMES = np.arange(0.0, 70.0)
+AIF = arterial_input(TIMES)
+NEW_METHODS = ("osvd", "tikhonov")
+
+
+def _maps(flow, tmax, area):
+    """Maps from the (flow, tmax, area) that ``deconvolve`` returns."""
+    return mp.perfusion_maps(flow, area, tmax, np.zeros_like(tmax))
+
+
+def test_methods_listed_with_nlr_first_and_defaults_beside_threshold():
+    assert dc.METHODS[0] == "nlr"
+    assert set(NEW_METHODS) <= set(dc.METHODS)
+    assert list(dc.OSVD_THRESHOLDS) == sorted(dc.OSVD_THRESHOLDS, reverse=True)
+    assert dc.OSVD_OI_BUDGET > 0 and 0 < dc.TIKHONOV_MU < 1
+
+
+# ------------------------------------------------------------------ oscillation index
+def test_oscillation_index_by_hand():
+    length = 10
+    spike = np.zeros(length)
+    spike[3] = 2.5
+    # second differences at j = 3, 4, 5: 2.5, -5, 2.5 -> sum 10; OI = 10 / (10 * 2.5)
+    assert dc.oscillation_index(spike) == pytest.approx(4.0 / length)
+    alternating = np.array([1.0, -1.0] * 4)  # every |k[j] - 2k[j-1] + k[j-2]| = 4
+    assert dc.oscillation_index(alternating) == pytest.approx(4.0)
+    ramp = np.array([0.0, 1.0, 2.0, 3.0, 0.0, 0.0])  # kinks: +1 at j=1, -4 at 4, +3 at 5
+    assert dc.oscillation_index(ramp) == pytest.approx((1.0 + 4.0 + 3.0) / (6 * 3.0))
+    # rows are independent; circular indices make OI invariant to a circular shift
+    rows = np.stack([spike, np.roll(spike, 7)])
+    np.testing.assert_allclose(dc.oscillation_index(rows), [0.4, 0.4])
+    # no positive maximum: no shape to judge
+    assert dc.oscillation_index(np.zeros(5)) == np.inf
+    assert dc.oscillation_index(-spike) == np.inf
+
+
+# ------------------------------------------------------------------ oSVD selection
+def test_osvd_limits_of_oi_max_reproduce_fixed_threshold_csvd():
+    tissue = tissue_enhancement(TIMES, np.array([60.0, 20.0]), np.array([4.0, 4.0]), 1.0)
+    lo, hi = min(dc.OSVD_THRESHOLDS), max(dc.OSVD_THRESHOLDS)
+    flow, tmax, area, chosen = dc.osvd(tissue, AIF, 1.0, oi_max=np.inf)  # everything passes
+    np.testing.assert_array_equal(chosen, lo)
+    ref = dc.deconvolve(tissue, AIF, 1.0, "csvd", threshold=lo)
+    for got, want in zip((flow, tmax, area), ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    flow, tmax, area, chosen = dc.osvd(tissue, AIF, 1.0, oi_max=0.0)  # nothing passes
+    np.testing.assert_array_equal(chosen, hi)
+    ref = dc.deconvolve(tissue, AIF, 1.0, "csvd", threshold=hi)
+    for got, want in zip((flow, tmax, area), ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_osvd_through_deconvolve_matches_osvd():
+    tissue = tissue_enhancement(TIMES, 60.0, 4.0, np.array([0.0, 2.0]))
+    flow, tmax, area, _ = dc.osvd(tissue, AIF, 1.0)
+    for got, want in zip(dc.deconvolve(tissue, AIF, 1.0, "osvd"), (flow, tmax, area)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dt", [1.0, 2.0])
+def test_osvd_threshold_adapts_to_noise(dt):
+    times = np.arange(0.0, 70.0, dt)
+    aif = arterial_input(times)
+    clean = tissue_enhancement(times, 60.0, 4.0, 1.0)
+    rng = np.random.default_rng(11)
+    chosen = {}
+    for noise in (0.0, 1.0, 2.0):
+        curves = clean + rng.normal(0.0, noise, (200, len(times)))
+        chosen[noise] = float(np.median(dc.osvd(curves, aif, dt)[3]))
+    assert chosen[0.0] == min(dc.OSVD_THRESHOLDS)  # noise-free: the lowest threshold suffices
+    assert chosen[0.0] < chosen[1.0] <= chosen[2.0]
+
+
+# ------------------------------------------------------------------ Tikhonov
+def test_tikhonov_pinv_with_vanishing_mu_is_the_exact_inverse():
+    rng = np.random.default_rng(12)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    matrix = q @ np.diag([3.0, 2.5, 2.0, 1.5, 1.2, 1.0]) @ q.T  # condition number 3
+    np.testing.assert_allclose(dc.tikhonov_pinv(matrix, 1e-7), np.linalg.inv(matrix), atol=1e-10)
+    # a finite mu damps every singular value by s^2 / (s^2 + lambda^2), lambda = mu * s_max
+    damped = dc.tikhonov_pinv(matrix, 0.5)  # lambda = 1.5
+    s = np.linalg.svd(damped, compute_uv=False)
+    np.testing.assert_allclose(np.sort(s), np.sort([v / (v * v + 2.25) for v in
+                                                    (3.0, 2.5, 2.0, 1.5, 1.2, 1.0)]))
+
+
+def test_tikhonov_with_vanishing_mu_recovers_known_residue():
+    # AIF = unit spike: quadrature weights 1/6, 4/6, 1/6, circulant eigenvalues 4/6 + 2/6 cos w
+    # >= 1/3, so the problem is well conditioned and deconvolution is exact.
+    n, dt = 40, 1.0
+    aif = np.zeros(n)
+    aif[2] = 1.0
+    lag = np.arange(n) * dt
+    truth = 0.02 * np.exp(-(((lag - 6.0) / 2.0) ** 2))  # symmetric peak: parabola exact at 6 s
+    tissue = (dc.convolution_matrix(aif, dt, circulant=True)
+              @ np.concatenate([truth, np.zeros(n)]))[:n]
+    flow, tmax, area = dc.deconvolve(tissue[None], aif, dt, "tikhonov", mu=1e-7)
+    assert flow[0] == pytest.approx(0.02, rel=1e-4)
+    assert tmax[0] == pytest.approx(6.0, abs=1e-3)
+    assert area[0] == pytest.approx(truth.sum() * dt, rel=1e-4)
+
+
+# ------------------------------------------------------------------ both methods
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_delay_insensitive(method):
+    delays = np.array([0.0, 4.0])
+    flow, tmax, _ = dc.deconvolve(tissue_enhancement(TIMES, 50.0, 4.0, delays), AIF, 1.0, method)
+    assert flow[1] == pytest.approx(flow[0], rel=0.03)
+    assert tmax[1] - tmax[0] == pytest.approx(4.0, abs=0.1)  # k moves with the tracer delay
+
+
+@pytest.mark.parametrize("method", NEW_METHODS + ("csvd", "ssvd"))
+def test_zero_tissue_gives_zeros_of_the_right_shape(method):
+    flow, tmax, area = dc.deconvolve(np.zeros((7, len(TIMES))), AIF, 1.0, method)
+    for values in (flow, tmax, area):
+        assert values.shape == (7,) and values.dtype == np.float32
+        assert np.all(np.isfinite(values))
+    np.testing.assert_array_equal(flow, 0.0)
+    np.testing.assert_array_equal(area, 0.0)
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_shapes_over_several_chunks(method, monkeypatch):
+    monkeypatch.setattr(dc, "CHUNK_VOXELS", 20)  # osvd chunks of 2 voxels, tikhonov of 20
+    tissue = tissue_enhancement(TIMES, np.linspace(20.0, 80.0, 45), 4.0, 1.0)
+    flow, tmax, area = dc.deconvolve(tissue, AIF, 1.0, method)
+    monkeypatch.undo()
+    ref = dc.deconvolve(tissue, AIF, 1.0, method)
+    for got, want in zip((flow, tmax, area), ref):
+        assert got.shape == (45,)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_single_threshold_rejected_for_adaptive_methods():
+    for method in NEW_METHODS:
+        with pytest.raises(ValueError, match="threshold"):
+            dc.deconvolve(np.zeros((1, 10)), np.ones(10), 1.0, method, threshold=0.1)
+
+
+# ------------------------------------------------------------------ measured biases (physics)
+GM = (60.0, 4.0, 1.0)  # CBF mL/100g/min, CBV mL/100g, delay s; exponential residue, MTT 4 s
+
+
+def test_osvd_gm_noise_free_closer_than_csvd_but_still_low():
+    """A smooth AIF cannot resolve the residue's step: even oSVD's 2 % threshold stays low."""
+    cbf, cbv, delay = GM
+    tissue = tissue_enhancement(TIMES, cbf, cbv, delay)[None]
+    osvd = _maps(*dc.deconvolve(tissue, AIF, 1.0, "osvd"))
+    csvd = _maps(*dc.deconvolve(tissue, AIF, 1.0, "csvd"))
+    assert 0.70 * cbf < osvd["cbf"][0] < 0.85 * cbf  # measured -22 %
+    assert osvd["cbf"][0] > 1.15 * csvd["cbf"][0]  # csvd (10 %): -39 %
+    assert osvd["cbv"][0] == pytest.approx(cbv, rel=0.02)  # the area of k is kept
+    assert 1.0 < osvd["tmax"][0] - delay < 2.0  # measured +1.45 s (csvd +2.1 s)
+
+
+def test_tikhonov_gm_noise_free_bias():
+    cbf, cbv, delay = GM
+    tissue = tissue_enhancement(TIMES, cbf, cbv, delay)[None]
+    maps = _maps(*dc.deconvolve(tissue, AIF, 1.0, "tikhonov"))
+    assert 0.55 * cbf < maps["cbf"][0] < 0.75 * cbf  # measured -36 %
+    assert maps["cbv"][0] == pytest.approx(cbv, rel=0.02)
+    assert 1.2 < maps["tmax"][0] - delay < 2.3  # measured +1.8 s
+
+
+def test_noise_lowers_osvd_cbf_and_raises_tikhonov_cbf():
+    """oSVD raises its threshold with noise (lower CBF); fixed-mu Tikhonov lets noise peaks in."""
+    cbf, cbv, delay = GM
+    clean = tissue_enhancement(TIMES, cbf, cbv, delay)
+    noisy = clean + np.random.default_rng(13).normal(0.0, 1.5, (200, len(TIMES)))
+    for method, low, high in (("osvd", 0.55, 0.75), ("tikhonov", 0.60, 0.80)):
+        clean_cbf = _maps(*dc.deconvolve(clean[None], AIF, 1.0, method))["cbf"][0]
+        noisy_maps = _maps(*dc.deconvolve(noisy, AIF, 1.0, method))
+        median = float(np.median(noisy_maps["cbf"]))
+        assert low * cbf < median < high * cbf  # measured -34 % (osvd), -32 % (tikhonov)
+        assert np.median(noisy_maps["cbv"]) == pytest.approx(cbv, rel=0.03)
+        if method == "osvd":
+            assert median < 0.92 * clean_cbf
+        else:
+            assert clean_cbf < median < 1.15 * clean_cbf
