@@ -94,7 +94,7 @@ def test_version(capsys):
     (["in", "out", "participant", "--frame-interval", "-2"], ["--frame-interval", "'-2'"]),
     (["in", "out", "participant", "--frame-interval", "nan"], ["--frame-interval"]),
     (["in", "out", "participant", "--kh", "1.5"], ["--kh"]),
-    (["in", "out", "participant", "--deconvolution", "osvd"], ["--deconvolution", "osvd"]),
+    (["in", "out", "participant", "--deconvolution", "fft"], ["--deconvolution", "fft"]),
     (["in", "out", "participant", "--bogus"], ["--bogus"]),
 ])
 def test_bad_options_exit_64(capsys, argv, words):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import EX_USAGE
+from ..perfusion.deconvolution import METHODS
 
 DESCRIPTION = """\
 Quantitative CT perfusion maps (CBF, CBV, MTT, Tmax, TTP) from the 4D CT perfusion (CTP) series of a
@@ -112,13 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  f"averaged into the {what}, instead of the automatic choice; "
                                  "placeholders as for --brain-mask")
     model = parser.add_argument_group("perfusion model")
-    model.add_argument("--deconvolution", choices=["nlr", "csvd", "ssvd"], default="nlr",
+    model.add_argument("--deconvolution", choices=METHODS, default=METHODS[0],
                        help="deconvolution of tissue curves by the arterial input function: 'nlr' = "
                             "least-squares fit of the delayed indicator-dilution model (exponential "
                             "residue; fits the bolus delay, so insensitive to it, and unbiased where "
                             "SVD is not); 'csvd' = block-circulant truncated SVD (threshold 10 %%), "
                             "insensitive to bolus delay; 'ssvd' = standard truncated SVD (threshold "
-                            "20 %%), biased by bolus delay (default: %(default)s)")
+                            "20 %%), biased by bolus delay; 'osvd' = block-circulant SVD with a "
+                            "per-voxel threshold from the oscillation index (Wu 2003); 'tikhonov' = "
+                            "block-circulant Tikhonov regularisation (mu 0.07) (default: %(default)s)")
     model.add_argument("--no-vof-scaling", "--no_vof_scaling", dest="vof_scaling",
                        action="store_false",
                        help="do not scale the AIF so that its first-pass area equals the venous "

@@ -59,6 +59,7 @@ the digital phantom after edge-preserving smoothing (see README, "Method").
 from __future__ import annotations
 
 import numpy as np
+from scipy.interpolate import PchipInterpolator
 
 from bids_ctp.perfusion.curves import parabolic_vertex
 
@@ -243,7 +244,10 @@ def model_curves(times, aif_times, aif, delays=FIT_DELAYS, mtts=FIT_MTTS) -> np.
     """
     fine = np.arange(aif_times[0] - delays.max() - FIT_FINE_DT, times[-1] - delays.min() + 1.0,
                      FIT_FINE_DT)
-    aif_fine = np.interp(fine, aif_times, aif, left=0.0, right=float(aif[-1]))
+    # Shape-preserving cubic interpolation: at 2-3 s sampling a straight line between samples
+    # cuts the AIF peak short, which made the model fit overestimate CBF by ~18 % at MTT 4 s.
+    inside = np.clip(fine, aif_times[0], aif_times[-1])
+    aif_fine = np.where(fine < aif_times[0], 0.0, PchipInterpolator(aif_times, aif)(inside))
     out = np.empty((len(delays), len(mtts), len(times)))
     for j, mtt in enumerate(mtts):
         kernel = np.exp(-np.arange(len(fine)) * FIT_FINE_DT / mtt) * FIT_FINE_DT
