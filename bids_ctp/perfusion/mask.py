@@ -13,6 +13,8 @@ BONE_HU = 250.0  # above: bone (cortical skull is 700-1900 HU; enhancing vessels
 SOFT_TISSUE_HU = (-30.0, BONE_HU)  # CSF (~5 HU) up to enhanced blood in the time average
 SKULL_GAP_MM = 2.0  # sutures and partial-volumed thin bone up to this width are sealed
 BRIDGE_MM = 1.5  # soft-tissue bridges thinner than this (through foramina) are cut
+OPENING_MM = 3.5  # the brain spreads between slices only through soft tissue wider than 2x this in-plane
+IN_PLANE = 1e6  # slice spacing stand-in that makes the 3D distance transforms measure in-plane distances
 
 
 def dilate(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
@@ -41,6 +43,32 @@ def fill_holes_per_slice(mask: np.ndarray, slice_axis: int) -> np.ndarray:
     return np.moveaxis(filled, 0, slice_axis)
 
 
+def _line_footprint(angle: float, length_mm: float, spacing, slice_axis: int) -> np.ndarray:
+    """Symmetric in-plane line of ``length_mm`` at ``angle`` (rad), rasterised on the voxel grid."""
+    axes = [a for a in range(3) if a != slice_axis]
+    steps = np.array([spacing[a] for a in axes])
+    n = int(np.ceil(length_mm / 2 / steps.min()))
+    t = np.linspace(-length_mm / 2, length_mm / 2, 4 * n + 1)
+    ij = np.rint(np.outer(t, [np.cos(angle), np.sin(angle)]) / steps).astype(int)
+    half = np.abs(ij).max(axis=0)
+    fp = np.zeros(tuple(2 * half + 1), dtype=bool)
+    fp[ij[:, 0] + half[0], ij[:, 1] + half[1]] = True
+    return np.expand_dims(fp, slice_axis)
+
+
+def bony_channels(skull: np.ndarray, width_mm: float, spacing, slice_axis: int) -> np.ndarray:
+    """Non-bone voxels with bone on two opposite sides less than ``width_mm`` apart in their slice.
+
+    Closings with in-plane lines in four directions: a fissure or canal through the skull is
+    bridged along its width, while tissue next to a single bone surface is not.
+    """
+    channels = np.zeros(skull.shape, dtype=bool)
+    for angle in np.arange(4) * np.pi / 4:
+        fp = _line_footprint(angle, width_mm, spacing, slice_axis)
+        channels |= ndimage.binary_erosion(ndimage.binary_dilation(skull, fp), fp, border_value=1)
+    return channels & ~skull
+
+
 def slice_axis_from_affine(affine: np.ndarray) -> int:
     """Voxel axis closest to the head's inferior-superior world axis (axial slice stacking)."""
     directions = np.asarray(affine)[:3, :3] / np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
@@ -50,18 +78,30 @@ def slice_axis_from_affine(affine: np.ndarray) -> int:
 def brain_mask(mean_image: np.ndarray, spacing, slice_axis: int = 2) -> np.ndarray:
     """Intracranial soft tissue (brain, CSF, intracranial vessels) of a time-averaged CT image.
 
-    Steps: bone by threshold; gaps in the skull closed; the region each axial slice's skull
-    encloses; soft tissue within it; thin bridges cut and the largest 3D component kept, so scalp,
-    orbit and neck tissue outside the skull ring are excluded.
+    Steps: bone by threshold, sutures (gaps up to 2 * SKULL_GAP_MM) closed; soft tissue enclosed
+    by the skull in its axial slice seeds the brain, but only where the soft tissue is wide (it
+    survives an in-plane erosion by OPENING_MM).  In skull-base slices the skull ring is open
+    (fissures, canals, orbits, face), so the per-slice test fails there; the seed is therefore
+    grown in 3D through the wide soft tissue, which reaches down from the enclosed slices into
+    the temporal lobes, cerebellum and brainstem but not through openings narrower than
+    2 * OPENING_MM into orbit, face, neck or temporal muscle.  The eroded region is grown back by
+    OPENING_MM plus one pixel within the soft tissue, and soft tissue inside bony channels
+    narrower than 2 * OPENING_MM (the mouth of a fissure) is left out.
     """
     spacing = tuple(float(s) for s in spacing)
+    plane = tuple(IN_PLANE if axis == slice_axis else s for axis, s in enumerate(spacing))
+    pixel = max(s for axis, s in enumerate(spacing) if axis != slice_axis)
     bone = mean_image > BONE_HU
     skull = erode(dilate(bone, SKULL_GAP_MM, spacing), SKULL_GAP_MM, spacing) | bone
-    enclosed = fill_holes_per_slice(skull, slice_axis) & ~skull
-    soft = (mean_image > SOFT_TISSUE_HU[0]) & (mean_image < SOFT_TISSUE_HU[1])
-    brain = enclosed & soft
-    if not brain.any():
-        return brain
-    opened = dilate(erode(brain, BRIDGE_MM, spacing), BRIDGE_MM, spacing) & brain
-    brain = largest_component(opened if opened.any() else brain)
-    return fill_holes_per_slice(brain, slice_axis) & ~skull
+    soft = (mean_image > SOFT_TISSUE_HU[0]) & (mean_image < SOFT_TISSUE_HU[1]) & ~skull
+    channels = bony_channels(skull, 2.0 * OPENING_MM, plane, slice_axis)
+    wide = erode(soft, OPENING_MM, plane)
+    seed = fill_holes_per_slice(skull, slice_axis) & wide
+    if not seed.any():
+        return np.zeros(mean_image.shape, dtype=bool)
+    seed = largest_component(seed)
+    labels, _ = ndimage.label(wide)  # face connectivity: slices join where their wide tissue overlaps
+    core = np.isin(labels, np.unique(labels[seed]))
+    brain = dilate(core, OPENING_MM + pixel, plane) & soft & ~channels
+    brain = largest_component(brain)
+    return fill_holes_per_slice(brain, slice_axis) & ~skull & ~channels & (mean_image > SOFT_TISSUE_HU[0])
