@@ -66,10 +66,19 @@ def test_baseline_is_mean_of_pre_arrival_frames_not_frame_0():
     # Five pre-arrival frames whose deviations average to exactly 0, frame 0 an outlier (+12).
     deviation = np.array([12.0, -3.0, -3.0, -3.0, -3.0, 80.0, 200.0, 150.0])
     curves = (base[..., None] + deviation).astype(np.float32)
-    b = cv.baseline(curves, arrival_frame=5)
+    b = cv.baseline(curves, 5)
     assert b.shape == base.shape
     np.testing.assert_allclose(b, base, atol=1e-4)
     assert np.all(np.abs(b - curves[..., 0]) > 11.0)  # frame 0 alone would be 12 HU off
+
+
+def test_baseline_frame_count_leaves_a_margin_before_arrival():
+    t = np.arange(0.0, 30.0)  # 1 s frames
+    assert cv.baseline_frame_count(t, 8) == 6  # frames 6 and 7 lie within 2 s of arrival
+    assert cv.baseline_frame_count(2.0 * t, 8) == 7  # 2 s frames: only frame 7 does
+    assert cv.baseline_frame_count(t, 3) == 3  # margin would leave 1 frame: keep all 3
+    with pytest.raises(DataError, match="sub-01"):
+        cv.baseline_frame_count(t, 1, source="sub-01")
 
 
 @pytest.mark.parametrize("arrival", [0, 1])

@@ -17,11 +17,13 @@ class _WriterInput(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True)
     ctp_input = traits.Dict(mandatory=True, desc="CTPInput fields")
     method = traits.Str(mandatory=True)
+    residue_shape = traits.Str(mandatory=True)
     density = traits.Float(mandatory=True)
     kh = traits.Float(mandatory=True)
     noise_sd = traits.Float(mandatory=True)
     sigma_mm = traits.Float(mandatory=True)
     arrival_frame = traits.Int(mandatory=True)
+    baseline_frames = traits.Int(mandatory=True)
     aif = traits.List(traits.Float, mandatory=True)
     aif_measured = traits.List(traits.Float, mandatory=True)
     aif_info = traits.Dict(mandatory=True)
@@ -54,12 +56,12 @@ class WriteDerivatives(SimpleInterface):
         common = {
             "Sources": [source],
             "SkullStripped": True,
-            "DeconvolutionMethod": inp.method,
+            "DeconvolutionMethod": inp.method, "ResidueShape": inp.residue_shape,
             "TissueDensity": inp.density, "TissueDensityUnits": "g/mL",
             "HematocritFactor": inp.kh,
             "FrameTimesStart": times, "FrameTimingSource": ctp.timing_source,
             "BolusArrivalFrame": inp.arrival_frame,
-            "BaselineFrames": list(range(inp.arrival_frame)),
+            "BaselineFrames": list(range(inp.baseline_frames)),
             "EstimatedNoiseSD": round(inp.noise_sd, 3), "EstimatedNoiseSDUnits": "HU",
             "SmoothingFilter": "cross-bilateral, guided by the time-averaged image",
             "SmoothingSigma": round(inp.sigma_mm, 3), "SmoothingSigmaUnits": "mm",

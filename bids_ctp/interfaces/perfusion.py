@@ -126,6 +126,7 @@ class _CurvesOutput(TraitedSpec):
     baseline = File(exists=True, desc="mean HU before bolus arrival")
     ttp = File(exists=True, desc="time to peak (s from the first frame)")
     arrival_frame = traits.Int(desc="first frame showing the bolus")
+    baseline_frames = traits.Int(desc="number of leading frames averaged into the baseline")
 
 
 class EnhancementCurves(SimpleInterface):
@@ -140,12 +141,14 @@ class EnhancementCurves(SimpleInterface):
         times = np.asarray(self.inputs.frame_times) - self.inputs.frame_times[0]
         tissue = data[brain]
         arrival = curves.bolus_arrival_frame(tissue, self.inputs.source)
-        base = curves.baseline(tissue, arrival, self.inputs.source)
+        n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
+        base = curves.baseline(tissue, n_baseline, self.inputs.source)
         ttp = curves.time_to_peak(times, tissue - base[:, None])
         self._results["baseline"] = images.save_like(_fill(brain, base), self.inputs.mask,
                                                      "baseline.nii")
         self._results["ttp"] = images.save_like(_fill(brain, ttp), self.inputs.mask, "ttp.nii")
         self._results["arrival_frame"] = arrival
+        self._results["baseline_frames"] = n_baseline
         return runtime
 
 
@@ -158,7 +161,7 @@ class _EnhancementInput(BaseInterfaceInputSpec):
 
 
 class _VesselInput(_EnhancementInput):
-    arrival_frame = traits.Int(mandatory=True, desc="frames before it are baseline")
+    baseline_frames = traits.Int(mandatory=True, desc="leading frames forming the baseline")
     aif_mask = File(exists=True, desc="user-chosen arterial voxels")
     vof_mask = File(exists=True, desc="user-chosen venous voxels")
     vof_scaling = traits.Bool(True, usedefault=True, desc="scale the AIF to the VOF's area")
@@ -215,7 +218,7 @@ class SelectVessels(SimpleInterface):
         if not selected.any():
             raise DataError(f"{os.path.basename(mask_file)}: mask selects no voxel")
         data = images.load(self.inputs.in_file)[selected]
-        enhancement = data - curves.baseline(data, self.inputs.arrival_frame,
+        enhancement = data - curves.baseline(data, self.inputs.baseline_frames,
                                              self.inputs.source)[:, None]
         return aif_stage.vessel_curve(enhancement, np.argwhere(selected),
                                       np.arange(len(enhancement)), times)
@@ -253,6 +256,7 @@ class _DeconvOutput(TraitedSpec):
     flow = File(exists=True, desc="max of k = rho/kH * F (1/s)")
     area = File(exists=True, desc="integral of k (dimensionless)")
     tmax = File(exists=True, desc="time of the maximum of k (s)")
+    residue_shape = traits.Str(desc="residue family fitted (nlr), else 'none (model-free)'")
 
 
 class Deconvolve(SimpleInterface):
@@ -265,8 +269,10 @@ class Deconvolve(SimpleInterface):
         brain, tissue = _enhancement(self.inputs)
         times = np.asarray(self.inputs.frame_times, float)
         aif = np.asarray(self.inputs.aif, float)
+        shape = "none (model-free)"
         if self.inputs.method == "nlr":
-            flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif)
+            shape, _ = deconvolution.select_residue_shape(tissue, times, times, aif)
+            flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape)
             area = flow * mtt
         else:  # SVD needs uniform sampling: resample AIF and tissue to the shortest interval
             grid = curves.uniform_grid(times)
@@ -276,6 +282,7 @@ class Deconvolve(SimpleInterface):
         for key, values in (("flow", flow), ("area", area), ("tmax", tmax)):
             self._results[key] = images.save_like(_fill(brain, values), self.inputs.mask,
                                                   f"{key}.nii")
+        self._results["residue_shape"] = shape
         return runtime
 
 

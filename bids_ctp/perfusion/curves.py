@@ -17,6 +17,7 @@ ARRIVAL_FRACTION = 0.10
 # Fraction of the brightest-enhancing voxels whose mean curve serves as the arterial reference.
 ARTERIAL_REFERENCE_FRACTION = 0.005
 MIN_BASELINE_FRAMES = 2
+BASELINE_MARGIN_S = 2.0  # frames this close before arrival are left out of the baseline
 MIN_BOLUS_HU = 20.0  # arterial reference enhancing less than this: no usable bolus
 
 
@@ -42,14 +43,32 @@ def bolus_arrival_frame(curves: np.ndarray, source: str = "image") -> int:
     return int(below[-1] + 1) if below.size else 0
 
 
-def baseline(curves: np.ndarray, arrival_frame: int, source: str = "image") -> np.ndarray:
-    """Mean of the frames before bolus arrival, per voxel (last axis is time)."""
+def baseline_frame_count(times, arrival_frame: int, source: str = "image") -> int:
+    """How many leading frames form the baseline.
+
+    The frames before arrival, less those within BASELINE_MARGIN_S of it when enough remain:
+    the arterial reference crosses 10 % of its peak only at ``arrival_frame``, the frame before
+    may already hold some contrast, and tissue fed earlier than the chosen artery (an AIF taken
+    downstream) enhances up to a few seconds sooner.
+    """
     if arrival_frame < MIN_BASELINE_FRAMES:
         raise DataError(
             f"{source}: the bolus arrives in frame {arrival_frame}; at least "
             f"{MIN_BASELINE_FRAMES} unenhanced frames are needed for a baseline"
         )
-    return curves[..., :arrival_frame].mean(axis=-1, dtype=np.float64).astype(np.float32)
+    t = np.asarray(times, dtype=np.float64)
+    with_margin = int(np.searchsorted(t, t[arrival_frame] - BASELINE_MARGIN_S, side="left"))
+    return with_margin if with_margin >= MIN_BASELINE_FRAMES else arrival_frame
+
+
+def baseline(curves: np.ndarray, n_frames: int, source: str = "image") -> np.ndarray:
+    """Mean of the first ``n_frames`` frames (the baseline), per voxel (last axis is time)."""
+    if n_frames < MIN_BASELINE_FRAMES:
+        raise DataError(
+            f"{source}: the bolus arrives in frame {n_frames}; at least "
+            f"{MIN_BASELINE_FRAMES} unenhanced frames are needed for a baseline"
+        )
+    return curves[..., :n_frames].mean(axis=-1, dtype=np.float64).astype(np.float32)
 
 
 def time_to_peak(times: np.ndarray, curves: np.ndarray) -> np.ndarray:
