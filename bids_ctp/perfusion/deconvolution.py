@@ -63,6 +63,7 @@ import numpy as np
 from scipy.interpolate import PchipInterpolator
 from scipy.special import gammaincc
 
+from bids_ctp.perfusion.aif import MIN_FIT_R2, fit_gamma_variate, gamma_variate
 from bids_ctp.perfusion.curves import parabolic_vertex
 
 METHODS = ("nlr", "csvd", "ssvd", "osvd", "tikhonov")
@@ -254,6 +255,23 @@ def residue(tau: np.ndarray, mtt: float, shape: str = "exponential") -> np.ndarr
     return gammaincc(k, k * np.clip(tau, 0, None) / mtt)
 
 
+def continuous_aif(aif_times, aif):
+    """The AIF between its samples: fitted gamma-variate first pass + PCHIP of the remainder.
+
+    Passes through every sample. At 2-3 s sampling the peak usually falls between samples;
+    a straight line (or a plain PCHIP) cuts it short, which made the model fit overestimate CBF
+    by 18 % (exponential residue, MTT 4 s) and 85 % (box residue, MTT 2 s); the gamma-variate
+    shape of the first pass restores it (errors <= 2 %). Plain PCHIP when the fit is poor.
+    """
+    aif_times, aif = np.asarray(aif_times, float), np.asarray(aif, float)
+    fit = fit_gamma_variate(aif_times, aif)
+    if fit["r2"] < MIN_FIT_R2:
+        return PchipInterpolator(aif_times, aif)
+    params = [fit[k] for k in ("amplitude_hu", "t0_s", "alpha", "beta_s")]
+    remainder = PchipInterpolator(aif_times, aif - gamma_variate(aif_times, *params))
+    return lambda t: gamma_variate(t, *params) + remainder(t)
+
+
 def model_curves(times, aif_times, aif, delays=FIT_DELAYS, mtts=FIT_MTTS,
                  shape="exponential") -> np.ndarray:
     """Noise-free tissue curves of the delayed model with unit k_max.
@@ -262,10 +280,8 @@ def model_curves(times, aif_times, aif, delays=FIT_DELAYS, mtts=FIT_MTTS,
     """
     fine = np.arange(aif_times[0] - delays.max() - FIT_FINE_DT, times[-1] - delays.min() + 1.0,
                      FIT_FINE_DT)
-    # Shape-preserving cubic interpolation: at 2-3 s sampling a straight line between samples
-    # cuts the AIF peak short, which made the model fit overestimate CBF by ~18 % at MTT 4 s.
     inside = np.clip(fine, aif_times[0], aif_times[-1])
-    aif_fine = np.where(fine < aif_times[0], 0.0, PchipInterpolator(aif_times, aif)(inside))
+    aif_fine = np.where(fine < aif_times[0], 0.0, continuous_aif(aif_times, aif)(inside))
     tau = (np.arange(len(fine)) + 0.5) * FIT_FINE_DT  # residue averaged over each step
     out = np.empty((len(delays), len(mtts), len(times)))
     for j, mtt in enumerate(mtts):

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RAS: diagonal affine; LPS: x and y axes negated (DICOM-like); oblique: rotated 15 deg about x and 10 deg about z (default: %(default)s)")
     p.add_argument("--residue", choices=RESIDUE_SHAPES, default="exponential",
                    help="tissue residue function shape (default: %(default)s)")
+    p.add_argument("--motion", type=float, default=None, metavar="MM",
+                   help="simulate rigid head motion (smooth drift plus two jerks) of up to MM mm translation and MM degrees "
+                   "rotation; the truth goes to *_desc-groundtruth_motion.tsv (default: no motion)")
     return p
 
 
@@ -47,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out, layout=args.layout, n_subjects=args.subjects, seed=args.seed, shape=args.shape,
             spacing=args.spacing, n_frames=args.frames, frame_interval=args.frame_interval, nonuniform=args.nonuniform,
             noise_hu=args.noise, orientation=args.orientation, residue=args.residue, sessions=args.sessions,
+            motion=args.motion,
         )
     except BidsCtpError as err:
         print(f"bids_ctp-phantom: error: {err}", file=sys.stderr)

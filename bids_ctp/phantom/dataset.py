@@ -22,6 +22,22 @@ and y axes and flips the voxel arrays along i and j, so that the anatomy in worl
 space is identical (the core stays in the patient's right hemisphere); "oblique" =
 Rz(10 deg) @ Rx(15 deg) @ RAS (anatomy fixed to the voxel grid, hence tilted in the
 world).
+
+Head motion (``motion=MM``, off by default): frame t shows the head moved by a rigid
+transform T_t (frame 0: identity), a smooth drift plus two jerks (see
+:func:`motion_trajectory`), scaled so the largest translation is MM mm and the largest
+rotation MM degrees.  The noise-free frame is computed on a sub-voxel grid (at most
+``MOTION_SUBVOXEL_MM``) padded by the largest displacement (so anatomy outside the field of
+view can move in), resampled in float32 with linear interpolation and averaged over each
+voxel (partial volume, frame 0 too, so frame 0 differs slightly from the motion-free
+dataset at tissue edges), then noise is added (the same draws as without motion) and the frame
+rounded to int16.  The truth ``*_desc-groundtruth_motion.tsv`` (columns rot_x rot_y rot_z
+trans_x trans_y trans_z; rad and mm) holds, per frame, the parameters of T_t in the
+convention of :mod:`bids_ctp.perfusion.motion`: an ``Euler3DTransform`` about the volume
+centre, on the voxel axes (i, j, k) scaled by the spacing, that maps a point of frame 0 to
+the same anatomical point of frame t.  Resampling frame t through T_t (``out(x) =
+frame_t(T_t(x))``) maps it back to frame 0's space, so a perfect registration returns
+exactly these parameters.
 """
 from __future__ import annotations
 
@@ -36,12 +52,14 @@ from typing import NamedTuple
 import nibabel as nib
 from nibabel.openers import ImageOpener
 import numpy as np
+import SimpleITK as sitk
 from numpy.typing import NDArray
 
 from .. import __version__
 from ..derivatives import atomic_write, write_json, write_text
 from ..errors import OutputError, UsageError
 from ..perfusion.maps import UNITS
+from ..perfusion.motion import PARAMETER_NAMES, rigid_transform, to_image
 from . import anatomy as an
 from .model import CONSTANTS, RESIDUE_SHAPES, PhantomConstants, arterial_input, tissue_enhancement, true_ttp, venous_output
 
@@ -50,6 +68,7 @@ BIDS_VERSION = "1.10.0"
 LAYOUTS = ("bep024", "isles24")
 ORIENTATIONS = ("RAS", "LPS", "oblique")
 DEFAULT_FOV_MM = (220.0, 220.0, 80.0)
+MOTION_SUBVOXEL_MM = 1.0  # with motion, frames are averages of sub-voxels of at most this size
 
 BASELINE_HU: dict[int, float] = {
     an.AIR: -1000.0,
@@ -158,6 +177,30 @@ def make_affine(shape: Sequence[int], spacing: Sequence[float], orientation: str
     return affine
 
 
+def motion_trajectory(n_frames: int, magnitude: float, rng: np.random.Generator) -> NDArray[np.float64]:
+    """Rigid motion parameters (n_frames, 6): rot_x, rot_y, rot_z (rad), trans_x, trans_y, trans_z (mm).
+
+    Each parameter is ``a * drift(u) + b * jerk1(t) + c * jerk2(t)`` with u = t / (n - 1),
+    drift = smoothstep(u) (a slow sag of the head), jerk1 a step at 45 % of the series and
+    jerk2 a step at 75 % (the patient moves, then partly settles back), with random weights
+    from ``rng``; frame 0 is 0.  Rotations are then scaled so their largest magnitude is
+    ``magnitude`` degrees, translations so theirs is ``magnitude`` mm.
+    """
+    t = np.arange(n_frames, dtype=float)
+    u = t / max(n_frames - 1, 1)
+    drift = 3 * u**2 - 2 * u**3
+    jerk1 = (t >= max(1, round(0.45 * (n_frames - 1)))).astype(float)
+    jerk2 = (t >= max(2, round(0.75 * (n_frames - 1)))).astype(float)
+    w = rng.uniform(0.3, 1.0, size=(3, 6)) * rng.choice([-1.0, 1.0], size=(3, 6))
+    w[2] = -0.5 * w[1] * rng.uniform(0.3, 1.0, size=6)  # jerk2 partly undoes jerk1
+    p = drift[:, None] * w[0] + jerk1[:, None] * w[1] + jerk2[:, None] * w[2]
+    p[0] = 0.0
+    for cols, scale in ((slice(0, 3), np.deg2rad(magnitude)), (slice(3, 6), magnitude)):
+        peak = np.abs(p[:, cols]).max()
+        p[:, cols] *= scale / peak if peak > 0 else 0.0
+    return p
+
+
 # ---------------------------------------------------------------- writing helpers
 def _write_nifti(path: Path, data: np.ndarray, affine: NDArray, zooms: Sequence[float]) -> Path:
     img = nib.Nifti1Image(data, affine)
@@ -216,8 +259,13 @@ def make_dataset(
     residue: str = "exponential",
     sessions: bool = False,
     constants: PhantomConstants = CONSTANTS,
+    motion: float | None = None,
 ) -> PhantomDataset:
-    """Write the phantom BIDS dataset to ``out_dir`` and its ground truth to ``out_dir/derivatives/groundtruth``."""
+    """Write the phantom BIDS dataset to ``out_dir`` and its ground truth to ``out_dir/derivatives/groundtruth``.
+
+    ``motion``: simulate rigid head motion of about this many mm and degrees (see the
+    module docstring); None or 0 writes exactly the motion-free dataset.
+    """
     if layout not in LAYOUTS:
         raise PhantomError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if residue not in RESIDUE_SHAPES:
@@ -234,6 +282,9 @@ def make_dataset(
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise PhantomError("shape needs three positive values")
+    if motion is not None and not (np.isfinite(motion) and motion >= 0):
+        raise PhantomError("motion needs a non-negative magnitude (mm and degrees)")
+    motion = float(motion) if motion else None
     times = frame_times(n_frames, frame_interval, nonuniform)
     t = np.asarray(times)
     intervals = np.diff(t)
@@ -249,6 +300,28 @@ def make_dataset(
     if orientation == "LPS":
         labels, fraction = labels[::-1, ::-1].copy(), fraction[::-1, ::-1].copy()
     affine = make_affine(shape, spacing, orientation)
+    if motion:
+        # Partial volume: every frame (frame 0 too) is the mean of q_i x q_j x q_k
+        # sub-voxels of at most MOTION_SUBVOXEL_MM, as a scanner integrates over the voxel;
+        # point-sampled frames would be sharp at rest and blurred by the interpolation once
+        # moved, which no real series is.  The sub-voxel anatomy sits on a grid padded
+        # (symmetrically, so the centre and the original voxels keep their positions) by
+        # the largest displacement, so anatomy outside the field of view can move in.
+        sub = tuple(max(1, int(np.ceil(s / MOTION_SUBVOXEL_MM - 1e-9))) for s in spacing)
+        fine_spacing = tuple(s / q for s, q in zip(spacing, sub))
+        fine_shape = tuple(n * q for n, q in zip(shape, sub))
+        half_extent = 0.5 * float(np.linalg.norm(np.asarray(shape) * np.asarray(spacing)))
+        reach = np.sqrt(3.0) * motion + np.sqrt(3.0) * np.deg2rad(motion) * half_extent
+        pad = tuple(int(np.ceil(reach / s)) + 1 for s in fine_spacing)
+        big_shape = tuple(n + 2 * p for n, p in zip(fine_shape, pad))
+        src_labels, src_fraction = an.make_head(big_shape, fine_spacing)
+        if orientation == "LPS":
+            src_labels, src_fraction = src_labels[::-1, ::-1].copy(), src_fraction[::-1, ::-1].copy()
+        inner = tuple(slice(p, p + n) for p, n in zip(pad, fine_shape))
+        grid = to_image(np.zeros(fine_shape, dtype=np.float32), fine_spacing)
+        blocks = (shape[0], sub[0], shape[1], sub[1], shape[2], sub[2])
+    else:
+        src_labels, src_fraction = labels, fraction
 
     # Per-label curves: computed once for the ~5 perfused labels, then looked up by label.
     perfused = sorted(PERFUSION_TRUTH)
@@ -264,8 +337,8 @@ def make_dataset(
     for k, curve in zip(perfused, curves):
         table[k] += curve
     table[an.VEIN] += vof
-    art = labels == an.ARTERY
-    art_f = fraction[art][:, None]
+    art = src_labels == an.ARTERY
+    art_f = src_fraction[art][:, None]
     gm_curve = curves[perfused.index(an.GM)]
     art_curves = (BASELINE_HU[an.ARTERY] + art_f * aif + (1.0 - art_f) * gm_curve).astype(np.float32)
 
@@ -291,9 +364,20 @@ def make_dataset(
         rng = np.random.default_rng([seed, index])
         data = np.empty(shape + (t.size,), dtype=np.int16, order="F")  # F order: frames contiguous for nibabel
         frame = np.empty(shape, dtype=np.float32)
+        moves = motion_trajectory(t.size, motion, np.random.default_rng([seed, index, 1])) if motion else None
+        src = np.empty(src_labels.shape, dtype=np.float32) if motion else frame
         for f in range(t.size):
-            np.take(table[:, f], labels, out=frame)
-            frame[art] = art_curves[:, f]
+            np.take(table[:, f], src_labels, out=src)
+            src[art] = art_curves[:, f]
+            if motion:
+                if moves[f].any():
+                    # Moved frame: out(x) = still(T^-1(x)), so that frame(T(x)) = still(x).
+                    moved = sitk.Resample(to_image(src, fine_spacing), grid, rigid_transform(moves[f]).GetInverse(),
+                                          sitk.sitkLinear, BASELINE_HU[an.AIR], sitk.sitkFloat32)
+                    fine = sitk.GetArrayViewFromImage(moved).T
+                else:
+                    fine = src[inner]
+                frame[...] = fine.reshape(blocks).mean(axis=(1, 3, 5), dtype=np.float32)
             if noise_hu > 0:
                 frame += rng.standard_normal(shape, dtype=np.float32) * np.float32(noise_hu)
             np.rint(frame, out=frame)
@@ -323,9 +407,12 @@ def make_dataset(
         for kind, curve in (("aif", aif), ("vof", vof)):
             rows = "".join(f"{ti:.6g}\t{ci:.6f}\n" for ti, ci in zip(times, curve))
             image.truth[kind] = write_text(tdir / f"{prefix}_desc-groundtruth_{kind}.tsv", "time\tenhancement\n" + rows)
+        if motion:
+            rows = "".join("\t".join(f"{v:.9g}" for v in row) + "\n" for row in moves)
+            image.truth["motion"] = write_text(tdir / f"{prefix}_desc-groundtruth_motion.tsv", "\t".join(PARAMETER_NAMES) + "\n" + rows)
         image.truth["parameters"] = write_json(
             tdir / f"{prefix}_desc-groundtruth_parameters.json",
-            _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout),
+            _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout, motion),
         )
         result.images.append(image)
     return result
@@ -352,12 +439,12 @@ def _write_dataset_files(root: Path, truth_root: Path, layout: str, n_subjects: 
     )
 
 
-def _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout) -> dict:
+def _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout, motion=None) -> dict:
     truth = {
         an.LABELS[k]: {"index": k, "cbf": tr.cbf, "cbv": tr.cbv, "mtt": tr.mtt, "delay": tr.delay, "tmax": tr.delay, "ttp": ttp_by_label[k]}
         for k, tr in PERFUSION_TRUTH.items()
     }
-    return {
+    out = {
         "Generator": {"Name": GENERATOR, "Version": __version__},
         "Constants": {**asdict(constants), "vof_mean_transit": constants.vof_mean_transit},
         "Model": "C_t(t) = (density/kh) * (CBF/6000) * (C_a(. - delay) conv R)(t); MTT = 60*CBV/CBF; VOF = AIF conv unit-area gamma kernel",
@@ -378,3 +465,14 @@ def _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, 
         "Affine": np.asarray(affine).round(9).tolist(),
         "Layout": layout,
     }
+    if motion:
+        out["Motion"] = {
+            "MagnitudeMmAndDegrees": motion,
+            "Trajectory": "smooth drift + jerks at 45 % and 75 % of the series; max |translation| = magnitude mm, max |rotation| = magnitude deg",
+            "Generator": f"numpy.random.default_rng([{seed}, {index}, 1])",
+            "Convention": "Euler3DTransform (rot_x, rot_y, rot_z rad; trans_x, trans_y, trans_z mm) about the volume centre on the "
+            "voxel axes scaled by the spacing; maps a point of frame 0 to the same anatomy in frame t (frame_t(T(x)) = frame_0(x))",
+            "Interpolation": "linear, on the noise-free float frame on a sub-voxel grid (<= 1 mm), then averaged over each "
+            "voxel (partial volume, every frame), before noise and int16 rounding",
+        }
+    return out
