@@ -212,3 +212,21 @@ def test_cli_refuses_foreign_directory_and_reruns(tmp_path, capsys):
     assert main([str(out), *args, "--layout", "isles24"]) == 0  # a previous phantom is replaced
     assert not (out / "sub-02").exists() and (out / "sub-stroke0001/ses-01/sub-stroke0001_ses-01_ctp.nii.gz").exists()
     assert "sub-stroke0001_ses-01_ctp.nii.gz" in capsys.readouterr().out
+
+
+def test_motion_option(tmp_path):
+    args = ["--shape", "40", "40", "3", "--spacing", "5", "5", "5", "--frames", "6", "--seed", "2"]
+    assert main([str(tmp_path / "still"), *args]) == 0
+    assert main([str(tmp_path / "moved"), *args, "--motion", "1.5"]) == 0
+    truth = tmp_path / "moved/derivatives/groundtruth/sub-01/perf/sub-01_desc-groundtruth_motion.tsv"
+    assert truth.read_text().splitlines()[0].split("\t") == ["rot_x", "rot_y", "rot_z", "trans_x", "trans_y", "trans_z"]
+    p = np.loadtxt(truth, skiprows=1)
+    assert p.shape == (6, 6) and np.all(p[0] == 0)
+    assert np.abs(p[:, 3:]).max() == pytest.approx(1.5) and np.degrees(np.abs(p[:, :3]).max()) == pytest.approx(1.5)
+    assert not (tmp_path / "still/derivatives/groundtruth/sub-01/perf/sub-01_desc-groundtruth_motion.tsv").exists()
+    still = np.asanyarray(nib.load(tmp_path / "still/sub-01/ct/sub-01_ctp.nii.gz").dataobj)
+    moved = np.asanyarray(nib.load(tmp_path / "moved/sub-01/ct/sub-01_ctp.nii.gz").dataobj)
+    assert moved.dtype == np.int16 and moved.shape == still.shape and not np.array_equal(moved[..., -1], still[..., -1])
+    # motion=0 is the motion-free dataset, bit for bit.
+    ds = make_dataset(tmp_path / "zero", shape=(40, 40, 3), spacing=(5, 5, 5), n_frames=6, seed=2, motion=0.0)
+    assert np.array_equal(np.asanyarray(nib.load(ds.images[0].ctp).dataobj), still)
