@@ -81,6 +81,10 @@ BASELINE_HU: dict[int, float] = {
     an.VEIN: 45.0,
     an.CORE: 33.0,
     an.PENUMBRA: 33.0,
+    an.MUSCLE: 50.0,
+    an.ORBITAL_FAT: -80.0,
+    an.EYE: 10.0,
+    an.SINUS: -1000.0,
 }
 
 
