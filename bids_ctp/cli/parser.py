@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "20 %%), biased by bolus delay; 'osvd' = block-circulant SVD with a "
                             "per-voxel threshold from the oscillation index (Wu 2003); 'tikhonov' = "
                             "block-circulant Tikhonov regularisation (mu 0.07) (default: %(default)s)")
+    model.add_argument("--no-motion-correction", "--no_motion_correction",
+                       dest="motion_correction", action="store_false",
+                       help="do not register the frames rigidly to the first one (motion "
+                            "correction is on by default; a still series costs about 0.5 s)")
     model.add_argument("--no-vof-scaling", "--no_vof_scaling", dest="vof_scaling",
                        action="store_false",
                        help="do not scale the AIF so that its first-pass area equals the venous "

@@ -4,10 +4,11 @@ from __future__ import annotations
 import nibabel as nb
 import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+                                    isdefined, traits)
 
 from bids_ctp import derivatives
 from bids_ctp.inputs import CTPInput
+from bids_ctp.perfusion import motion
 from bids_ctp.perfusion.maps import DESCRIPTIONS, UNITS
 
 MAP_NAMES = tuple(UNITS)
@@ -29,6 +30,9 @@ class _WriterInput(BaseInterfaceInputSpec):
     aif_info = traits.Dict(mandatory=True)
     aif_mask = File(exists=True, mandatory=True)
     vof = traits.List(traits.Float, mandatory=True)
+    motion_parameters = traits.List(traits.List(traits.Float), mandatory=True)
+    framewise_displacement = traits.List(traits.Float, mandatory=True)
+    qc_flags = traits.List(traits.Str, desc="problems found by earlier stages")
     vof_info = traits.Dict(mandatory=True)
     vof_mask = File(exists=True, mandatory=True)
     brain_mask = File(exists=True, mandatory=True)
@@ -69,6 +73,12 @@ class WriteDerivatives(SimpleInterface):
             # not BIDS "TimeZero" (a clock time in PET-BIDS): the origin of TTP and AIF times
             "TimeOrigin": "start of the first frame (FrameTimesStart[0])",
         }
+        fd = np.asarray(inp.framewise_displacement, float)
+        flags = list(inp.qc_flags) if isdefined(inp.qc_flags) else []
+        if motion.motion_qc_flag(fd):
+            flags.append(f"motion: framewise displacement up to {fd.max():.2f} mm "
+                         f"(threshold {motion.MOTION_FD_THRESHOLD_MM} mm)")
+        common["QualityFlags"] = flags
         out = []
 
         def save(src, suffix, desc, sidecar, dtype=np.float32):
@@ -113,5 +123,21 @@ class WriteDerivatives(SimpleInterface):
                 "Sources": [source], **info,
             })
             out.append(str(tsv))
+        tsv = derivatives.output_path(inp.output_dir, ctp, "timeseries", "motion", ".tsv")
+        names = (*motion.PARAMETER_NAMES, "framewise_displacement")
+        rows = "".join("\t".join(f"{v:.6f}" for v in (*p, d)) + "\n"
+                       for p, d in zip(inp.motion_parameters, fd))
+        derivatives.write_text(tsv, "\t".join(names) + "\n" + rows)
+        derivatives.write_json(tsv.with_suffix(".json"), {
+            "Description": "Rigid head motion per frame, relative to the first frame "
+                           "(all zero when motion correction was switched off)",
+            **{n: {"Units": "rad"} for n in names[:3]}, **{n: {"Units": "mm"} for n in names[3:6]},
+            "framewise_displacement": {
+                "Description": "Power et al. 2012, relative to the previous frame, rotations as "
+                               f"arc length on a {motion.FD_RADIUS_MM:.0f} mm sphere",
+                "Units": "mm"},
+            "FDThreshold": motion.MOTION_FD_THRESHOLD_MM, "QualityFlags": flags,
+            "Sources": [source]})
+        out.append(str(tsv))
         self._results["out_files"] = out
         return runtime

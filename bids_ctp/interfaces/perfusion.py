@@ -11,9 +11,10 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
 from bids_ctp.errors import DataError
 from bids_ctp.interfaces import images
 from bids_ctp.perfusion import aif as aif_stage
-from bids_ctp.perfusion import curves, deconvolution, maps, mask, preprocess
+from bids_ctp.perfusion import curves, deconvolution, maps, mask, motion, preprocess
 
 MIN_FRAMES = 10
+MIN_SLICES_FOR_MOTION = 3
 
 
 class _LoadInput(BaseInterfaceInputSpec):
@@ -23,7 +24,6 @@ class _LoadInput(BaseInterfaceInputSpec):
 
 class _LoadOutput(TraitedSpec):
     out_file = File(exists=True, desc="4D float32 HU, uncompressed")
-    mean_file = File(exists=True, desc="time-averaged image")
 
 
 class LoadCTP(SimpleInterface):
@@ -48,8 +48,52 @@ class LoadCTP(SimpleInterface):
         if not np.isfinite(data).all():
             raise DataError(f"{name}: image contains NaN or infinite voxels")
         self._results["out_file"] = images.save_like(data, self.inputs.in_file, "ctp_hu.nii")
+        return runtime
+
+
+class _MotionInput(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="4D float32 HU")
+    enabled = traits.Bool(True, usedefault=True, desc="False: pass the series through")
+    n_threads = traits.Int(1, usedefault=True)
+
+
+class _MotionOutput(TraitedSpec):
+    out_file = File(exists=True, desc="motion-corrected 4D (the input when disabled)")
+    mean_file = File(exists=True, desc="time average of the corrected series")
+    parameters = traits.List(traits.List(traits.Float), desc="per frame: rotations (rad), "
+                             "translations (mm) mapping the reference onto the frame")
+    framewise_displacement = traits.List(traits.Float, desc="mm, relative to previous frame")
+    qc_flags = traits.List(traits.Str, desc="problems to show in sidecars and reports")
+
+
+class MotionCorrection(SimpleInterface):
+    """Rigid registration of every frame to the first (SimpleITK), framewise displacement."""
+
+    input_spec = _MotionInput
+    output_spec = _MotionOutput
+
+    def _run_interface(self, runtime):
+        data = images.load(self.inputs.in_file)
+        flags = []
+        if self.inputs.enabled and min(data.shape[:3]) < MIN_SLICES_FOR_MOTION:
+            flags.append(f"motion correction skipped: {min(data.shape[:3])} slice(s) cannot "
+                         "constrain a 3D rigid registration")
+        if self.inputs.enabled and not flags:
+            result = motion.correct_motion(data, images.spacing(self.inputs.in_file),
+                                           n_threads=self.inputs.n_threads)
+            data = result.corrected
+            self._results["out_file"] = images.save_like(data, self.inputs.in_file,
+                                                         "ctp_moco.nii")
+            parameters, fd = result.parameters, result.framewise_displacement
+        else:
+            self._results["out_file"] = self.inputs.in_file
+            parameters = np.zeros((data.shape[3], len(motion.PARAMETER_NAMES)))
+            fd = np.zeros(data.shape[3])
         self._results["mean_file"] = images.save_like(data.mean(axis=3), self.inputs.in_file,
                                                       "ctp_mean.nii")
+        self._results["parameters"] = np.asarray(parameters, float).tolist()
+        self._results["framewise_displacement"] = np.asarray(fd, float).tolist()
+        self._results["qc_flags"] = flags
         return runtime
 
 

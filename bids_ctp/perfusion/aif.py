@@ -32,6 +32,8 @@ EARLY_WINDOW_S = 2.0  # clusters peaking later than the earliest one + this are 
 CENTRE_FRACTION = 0.8  # keep voxels reaching this fraction of the best early voxel's peak
 MAX_AIF_VOXELS = 40
 FIRST_PASS_END = 0.6  # fraction of the peak where the fitted first pass ends
+RETURN_FRACTION = 0.5  # vessel curves end below this fraction of their peak
+MAX_VOF_SCALE = 3.0  # larger AIF corrections are implausible: something else went wrong
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 
 
@@ -96,7 +98,10 @@ def _vessel_clusters(enhancement, voxels, shape, times, spacing, source):
     """
     peak = enhancement.max(axis=1)
     threshold = CANDIDATE_FRACTION * np.percentile(peak, 99.9)
-    candidates = np.flatnonzero(peak >= threshold)
+    # a bolus passes: by the last frames a vessel is well below its peak, whereas a step
+    # (bone sliding into the voxel after head motion) stays up
+    tail = enhancement[:, -max(1, enhancement.shape[1] // 10):].mean(axis=1)
+    candidates = np.flatnonzero((peak >= threshold) & (tail < RETURN_FRACTION * peak))
     if threshold <= 0 or candidates.size == 0:
         raise DataError(f"{source}: no arterial input candidate (no voxel enhances)")
     volume = np.zeros(shape, dtype=bool)
@@ -174,8 +179,10 @@ def vof_scale_factor(aif: VesselCurve, vof: VesselCurve | None) -> float:
     First-pass areas come from the gamma-variate fits, so recirculation and a venous tail cut
     off by the end of the scan do not bias the ratio. Never below 1: an artery can only lose
     signal to partial volume, so a smaller VOF means the VOF is the one partial-volumed. 1 when
-    either fit is poor (R² < MIN_FIT_R2) or there is no VOF.
+    either fit is poor (R² < MIN_FIT_R2), there is no VOF, or the factor exceeds MAX_VOF_SCALE
+    (an artery keeping less than a third of its signal is not a usable AIF either way).
     """
     if vof is None or min(aif.fit["r2"], vof.fit["r2"]) < MIN_FIT_R2:
         return 1.0
-    return max(1.0, gamma_variate_area(vof.fit) / gamma_variate_area(aif.fit))
+    factor = gamma_variate_area(vof.fit) / gamma_variate_area(aif.fit)
+    return factor if 1.0 <= factor <= MAX_VOF_SCALE else 1.0

@@ -1,7 +1,7 @@
 """The nipype workflow: one independent branch per CTP series, one node per stage.
 
-    load -> smooth -> curves -> aif -> deconvolve -> maps -> write
-      \\-> brain mask -----^
+    load -> motion -> smooth -> curves -> aif -> deconvolve -> maps -> write
+                \\-> brain mask -----^
 
 Intermediate images are uncompressed float32 NIfTI files in the work directory; nipype caches
 every node there, so a rerun with the same inputs and options recomputes nothing.
@@ -17,7 +17,8 @@ from nipype.pipeline import engine as pe
 from bids_ctp import __version__
 from bids_ctp.interfaces.derivatives import WriteDerivatives
 from bids_ctp.interfaces.perfusion import (BrainMask, Deconvolve, EnhancementCurves, LoadCTP,
-                                           PerfusionMaps, SelectVessels, SmoothCTP)
+                                           MotionCorrection, PerfusionMaps, SelectVessels,
+                                           SmoothCTP)
 from bids_ctp.perfusion.maps import DEFAULT_DENSITY, DEFAULT_KH
 
 
@@ -44,6 +45,8 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
     times = list(ctp_input.frame_times)
     wf = pe.Workflow(name=re.sub(r"\W", "_", ctp_input.name) + "_wf")
     load = pe.Node(LoadCTP(in_file=os.fspath(ctp_input.path), frame_times=times), name="load")
+    moco = pe.Node(MotionCorrection(enabled=getattr(options, "motion_correction", True),
+                                    n_threads=threads), name="motion", n_procs=threads)
     smooth = pe.Node(SmoothCTP(n_threads=threads), name="smooth", n_procs=threads)
     source = ctp_input.path.name  # named in data-error messages
     brain = pe.Node(BrainMask(source=source), name="brain_mask")
@@ -66,8 +69,12 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
                     name="write", overwrite=True)  # always rewrite: outputs may have been removed
 
     wf.connect([
-        (load, smooth, [("out_file", "in_file")]),
-        (load, brain, [("mean_file", "mean_file")]),
+        (load, moco, [("out_file", "in_file")]),
+        (moco, smooth, [("out_file", "in_file")]),
+        (moco, brain, [("mean_file", "mean_file")]),
+        (moco, write, [("parameters", "motion_parameters"),
+                       ("framewise_displacement", "framewise_displacement"),
+                       ("qc_flags", "qc_flags")]),
         (smooth, enhancement, [("out_file", "in_file")]),
         (brain, enhancement, [("out_mask", "mask")]),
         (smooth, aif, [("out_file", "in_file")]),
