@@ -55,7 +55,9 @@ Registration (one frame at a time, each to the reference)
   unchanged (no interpolation blur).
 * Resampling: every moved frame is resampled from its original full-resolution float32
   values with linear interpolation onto the original grid (same shape); voxels whose source
-  lies outside the field of view get ``AIR_HU`` (-1024 HU).
+  lies outside the field of view keep the frame's own value (invented air would look like a
+  bolus to the later stages). A registration that does not lower the mean squared difference
+  to the reference by 5 % is discarded (featureless or very noisy data can drift).
 
 Framewise displacement (Power et al. 2012, NeuroImage 59:2142)
 --------------------------------------------------------------
@@ -244,6 +246,20 @@ def _register(levels, moving_images, initial) -> np.ndarray:
     return np.asarray(_from_affine(m).GetParameters(), dtype=float)
 
 
+def _improves(reference, moving, parameters, spacing, origin, margin=0.95) -> bool:
+    """Whether the rigid transform lowers the mean squared difference to the reference.
+
+    Compared on the registration grid over voxels the moved frame still covers.
+    """
+    moved = _resample(to_image(moving, spacing, origin), rigid_transform(parameters), np.nan, 1)
+    valid = np.isfinite(moved)
+    if not valid.any():
+        return False
+    after = np.mean((moved[valid] - reference[valid]) ** 2)
+    before = np.mean((moving[valid] - reference[valid]) ** 2)
+    return bool(after < margin * before)
+
+
 def correct_motion(data: np.ndarray, spacing, reference: int | None = None, n_threads: int = 1, skip_below_mm: float = SKIP_BELOW_MM) -> MotionResult:
     """Rigidly register every frame of ``data`` (i, j, k, t) to the reference frame and resample it.
 
@@ -302,7 +318,15 @@ def correct_motion(data: np.ndarray, spacing, reference: int | None = None, n_th
                 corrected[..., t] = frame
                 return still
         p = _register(levels, moving, initial)
-        corrected[..., t] = _resample(to_image(frame, spacing, full_origin), rigid_transform(p), AIR_HU, 1)
+        if not _improves(ref_f, small_f, p, ds_spacing, ds_origin):
+            # A featureless or very noisy series can drift: keep a frame the registration
+            # cannot match better than it already is.
+            corrected[..., t] = frame
+            return still
+        moved = _resample(to_image(frame, spacing, full_origin), rigid_transform(p), np.nan, 1)
+        # Where the frame does not reach (through-plane motion at the first and last slices),
+        # keep its own value rather than inventing air, which would look like a bolus.
+        corrected[..., t] = np.where(np.isfinite(moved), moved, frame)
         return p
 
     if n_threads <= 1:
