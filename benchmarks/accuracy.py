@@ -53,13 +53,14 @@ def cell_slices(i, j):
     return slice(x0 + c0, x0 + c0 + CENTRE), slice(y0 + c0, y0 + c0 + CENTRE)
 
 
-def make_condition(root: Path, label: str, shape: str, noise: float, interval: float, seed: int):
+def make_condition(root: Path, label: str, shape: str, noise: float, interval: float, seed: int,
+                   mtts=MTTS, delays=DELAYS):
     """Write sub-<label>/ct/sub-<label>_ctp.nii.gz, its sidecar, brain and AIF masks."""
     times = np.arange(0.0, DURATION + 1e-6, interval)
-    nx, ny = PATCH * len(MTTS), PATCH * (len(DELAYS) + 1)
+    nx, ny = PATCH * len(mtts), PATCH * (len(delays) + 1)
     data = np.full((nx, ny, SLICES, len(times)), BASELINE_HU, dtype=np.float32)
     brain = np.zeros((nx, ny, SLICES), np.uint8)
-    for (i, mtt), (j, delay) in product(enumerate(MTTS), enumerate(DELAYS)):
+    for (i, mtt), (j, delay) in product(enumerate(mtts), enumerate(delays)):
         curve = tissue_enhancement(times, 60.0 * CBV / mtt, CBV, delay, shape)
         data[i * PATCH:(i + 1) * PATCH, j * PATCH:(j + 1) * PATCH] += curve.astype(np.float32)
         brain[i * PATCH:(i + 1) * PATCH, j * PATCH:(j + 1) * PATCH] = 1
@@ -84,12 +85,12 @@ def make_condition(root: Path, label: str, shape: str, noise: float, interval: f
     nb.save(nb.Nifti1Image(aif, affine), masks / f"sub-{label}_aif.nii.gz")
 
 
-def evaluate(out: Path, label: str, method: str):
+def evaluate(out: Path, label: str, method: str, mtts=MTTS, delays=DELAYS):
     perf = out / f"sub-{label}" / "perf"
     maps = {m: nb.load(perf / f"sub-{label}_desc-{method}_{m}.nii.gz").get_fdata()
             for m in ("cbf", "cbv", "mtt", "tmax")}
     cells = {}
-    for (i, mtt), (j, delay) in product(enumerate(MTTS), enumerate(DELAYS)):
+    for (i, mtt), (j, delay) in product(enumerate(mtts), enumerate(delays)):
         sl = cell_slices(i, j)
         med = {m: float(np.median(v[sl])) for m, v in maps.items()}
         cells[(mtt, delay)] = {
