@@ -35,8 +35,7 @@ class LoadCTP(SimpleInterface):
     def _run_interface(self, runtime):
         name = os.path.basename(self.inputs.in_file)
         try:
-            img = nb.load(self.inputs.in_file)
-            data = np.asarray(img.dataobj, dtype=np.float32)
+            data = images.load(self.inputs.in_file)
         except Exception as err:  # corrupt or truncated file: report it, never a traceback
             raise DataError(f"{name}: cannot read image ({err})") from err
         n_times = len(self.inputs.frame_times)
@@ -45,7 +44,11 @@ class LoadCTP(SimpleInterface):
                             f"got shape {data.shape}")
         if data.shape[3] != n_times:
             raise DataError(f"{name}: {data.shape[3]} frames but {n_times} frame times")
-        if not np.isfinite(data).all():
+        # integer voxels are finite unless the scaling is not, which shows in any frame:
+        # only float data needs the full (slow) scan
+        on_disk = nb.load(self.inputs.in_file).get_data_dtype()
+        scan = data if np.issubdtype(on_disk, np.floating) else data[..., :1]
+        if not np.isfinite(scan).all():
             raise DataError(f"{name}: image contains NaN or infinite voxels")
         self._results["out_file"] = images.save_like(data, self.inputs.in_file, "ctp_hu.nii")
         return runtime
