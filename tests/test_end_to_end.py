@@ -208,3 +208,21 @@ def test_motion_is_measured_flagged_and_corrected(moving_phantom, tmp_path):
         errors = {c: abs(r[("cbv", region)][0] / r[("cbv", region)][1] - 1)
                   for c, r in results.items()}
         assert errors[True] < 0.5 * errors[False], (region, errors)
+
+
+def test_truncated_scan_is_flagged(tmp_path):
+    phantom = make_dataset(tmp_path / "bids", shape=(88, 88, 3), spacing=(2.5, 2.5, 5.0),
+                           n_frames=15, noise_hu=5.0, seed=2)
+    out = tmp_path / "out"
+    assert main([str(phantom.root), str(out), "participant", "-w", str(tmp_path / "w")]) == 0
+    flags = json.loads(next(out.rglob("*_desc-nlr_cbf.json")).read_text())["QualityFlags"]
+    assert any(flag.startswith("bolus truncated") for flag in flags)
+
+
+def test_clean_scan_has_no_flags(run):
+    phantom, out, _ = run
+    flags = json.loads(next(out.rglob("*_desc-nlr_cbf.json")).read_text())["QualityFlags"]
+    if phantom.shape[2] >= 3:
+        assert flags == []
+    else:  # too few slices to register: said so, nothing else
+        assert len(flags) == 1 and flags[0].startswith("motion correction skipped")

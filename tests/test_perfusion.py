@@ -564,3 +564,28 @@ def test_perfusion_maps_negative_values_become_zero():
                                rtol=1e-5)
     np.testing.assert_allclose(maps["cbv"], [[0.05 * scale, 0.0], [0.0, 0.08 * scale]], rtol=1e-5)
     np.testing.assert_allclose(maps["mtt"], [[0.0, 0.0], [0.0, 4.0]], rtol=1e-5)
+
+
+def test_bolus_truncated_when_tissue_still_rises_at_the_end():
+    t = np.arange(0.0, 60.0)
+    complete = tissue_enhancement(t, 60.0, 4.0, 1.0)
+    assert not cv.bolus_truncated(complete)
+    assert cv.bolus_truncated(complete[:14])  # scan stopped before the tissue peak (~16 s)
+
+
+def test_vessel_problems_name_each_failure():
+    enh, vox, _, _ = _vessel_volume()
+    aif = af.select_aif(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0))
+    vof = af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0))
+    assert af.vessel_problems(aif, vof) == []
+    assert any(p.startswith("VOF: none found") for p in af.vessel_problems(aif, None))
+    weak = af.vessel_curve(0.2 * enh, vox, np.flatnonzero(np.isin(
+        np.ravel_multi_index(tuple(vox.T), VESSEL_SHAPE),
+        np.ravel_multi_index(tuple(ARTERY_CORE.T), VESSEL_SHAPE))), T_VESSELS)
+    assert any("low arterial signal" in p for p in af.vessel_problems(weak, vof))
+    # a VOF with 4x the AIF's area is not used, and says so
+    huge = af.vessel_curve(4.0 * enh, vox, np.flatnonzero(np.isin(
+        np.ravel_multi_index(tuple(vox.T), VESSEL_SHAPE),
+        np.ravel_multi_index(tuple(ARTERY_CORE.T), VESSEL_SHAPE))), T_VESSELS)
+    assert any("not used" in p for p in af.vessel_problems(aif, huge))
+    assert af.vof_scale_factor(aif, huge) == 1.0

@@ -32,7 +32,9 @@ class _WriterInput(BaseInterfaceInputSpec):
     vof = traits.List(traits.Float, mandatory=True)
     motion_parameters = traits.List(traits.List(traits.Float), mandatory=True)
     framewise_displacement = traits.List(traits.Float, mandatory=True)
-    qc_flags = traits.List(traits.Str, desc="problems found by earlier stages")
+    motion_flags = traits.List(traits.Str, desc="problems found by motion correction")
+    curve_flags = traits.List(traits.Str, desc="problems found in the enhancement curves")
+    vessel_flags = traits.List(traits.Str, desc="problems found with the AIF and VOF")
     vof_info = traits.Dict(mandatory=True)
     vof_mask = File(exists=True, mandatory=True)
     brain_mask = File(exists=True, mandatory=True)
@@ -74,7 +76,8 @@ class WriteDerivatives(SimpleInterface):
             "TimeOrigin": "start of the first frame (FrameTimesStart[0])",
         }
         fd = np.asarray(inp.framewise_displacement, float)
-        flags = list(inp.qc_flags) if isdefined(inp.qc_flags) else []
+        flags = [flag for trait in ("motion_flags", "curve_flags", "vessel_flags")
+                 if isdefined(getattr(inp, trait)) for flag in getattr(inp, trait)]
         if motion.motion_qc_flag(fd):
             flags.append(f"motion: framewise displacement up to {fd.max():.2f} mm "
                          f"(threshold {motion.MOTION_FD_THRESHOLD_MM} mm)")

@@ -174,6 +174,7 @@ class _CurvesOutput(TraitedSpec):
     ttp = File(exists=True, desc="time to peak (s from the first frame)")
     arrival_frame = traits.Int(desc="first frame showing the bolus")
     baseline_frames = traits.Int(desc="number of leading frames averaged into the baseline")
+    qc_flags = traits.List(traits.Str, desc="problems to show in sidecars and reports")
 
 
 class EnhancementCurves(SimpleInterface):
@@ -190,7 +191,11 @@ class EnhancementCurves(SimpleInterface):
         arrival = curves.bolus_arrival_frame(tissue, self.inputs.source)
         n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
         base = curves.baseline(tissue, n_baseline, self.inputs.source)
-        ttp = curves.time_to_peak(times, tissue - base[:, None])
+        enhancement = tissue - base[:, None]
+        ttp = curves.time_to_peak(times, enhancement)
+        self._results["qc_flags"] = (
+            ["bolus truncated: the brain is still enhancing at the last frame"]
+            if curves.bolus_truncated(enhancement.mean(axis=0)) else [])
         self._results["baseline"] = images.save_like(_fill(brain, base), self.inputs.mask,
                                                      "baseline.nii")
         self._results["ttp"] = images.save_like(_fill(brain, ttp), self.inputs.mask, "ttp.nii")
@@ -222,6 +227,7 @@ class _VesselOutput(TraitedSpec):
     vof = traits.List(traits.Float, desc="VOF (HU); empty when none was found")
     vof_mask = File(exists=True)
     vof_info = traits.Dict()
+    qc_flags = traits.List(traits.Str, desc="problems to show in sidecars and reports")
 
 
 class SelectVessels(SimpleInterface):
@@ -245,6 +251,7 @@ class SelectVessels(SimpleInterface):
         else:
             vof = aif_stage.select_vof(tissue, voxels, brain.shape, times, spacing, inp.source)
         scale = aif_stage.vof_scale_factor(aif, vof) if inp.vof_scaling else 1.0
+        self._results["qc_flags"] = aif_stage.vessel_problems(aif, vof)
         self._results["aif"] = [float(v) * scale for v in aif.curve]
         self._results["aif_measured"] = [float(v) for v in aif.curve]
         self._results["aif_mask"] = self._save_voxels(aif, brain.shape, "aif_mask.nii")

@@ -33,7 +33,8 @@ CENTRE_FRACTION = 0.8  # keep voxels reaching this fraction of the best early vo
 MAX_AIF_VOXELS = 40
 FIRST_PASS_END = 0.6  # fraction of the peak where the fitted first pass ends
 RETURN_FRACTION = 0.5  # vessel curves end below this fraction of their peak
-MAX_VOF_SCALE = 3.0  # larger AIF corrections are implausible: something else went wrong
+MAX_VOF_SCALE = 3.0
+MIN_AIF_PEAK_HU = 100.0  # weaker arterial enhancement makes every map noisy  # larger AIF corrections are implausible: something else went wrong
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 
 
@@ -98,10 +99,13 @@ def _vessel_clusters(enhancement, voxels, shape, times, spacing, source):
     """
     peak = enhancement.max(axis=1)
     threshold = CANDIDATE_FRACTION * np.percentile(peak, 99.9)
-    # a bolus passes: by the last frames a vessel is well below its peak, whereas a step
-    # (bone sliding into the voxel after head motion) stays up
+    # A bolus passes: by the last frames a vessel is well below its peak, whereas a step
+    # (bone sliding into the voxel after head motion) stays up. When no bright voxel has come
+    # back down, the scan is too short to tell (truncated bolus) and every bright voxel stays.
+    bright = peak >= threshold
     tail = enhancement[:, -max(1, enhancement.shape[1] // 10):].mean(axis=1)
-    candidates = np.flatnonzero((peak >= threshold) & (tail < RETURN_FRACTION * peak))
+    returned = tail < RETURN_FRACTION * peak
+    candidates = np.flatnonzero(bright & returned if (bright & returned).any() else bright)
     if threshold <= 0 or candidates.size == 0:
         raise DataError(f"{source}: no arterial input candidate (no voxel enhances)")
     volume = np.zeros(shape, dtype=bool)
@@ -171,6 +175,27 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     members = candidates[cluster_of == largest]
     area = area_under_curve(times, enhancement[members])
     return vessel_curve(enhancement, voxels, _strongest(members, area), times)
+
+
+def vessel_problems(aif: VesselCurve, vof: VesselCurve | None) -> list[str]:
+    """Quality flags of the AIF/VOF pair, empty when both look sound."""
+    problems = []
+    if aif.fit["r2"] < MIN_FIT_R2:
+        problems.append(f"AIF: gamma-variate fit R2 {aif.fit['r2']:.2f} < {MIN_FIT_R2}")
+    if aif.peak_hu < MIN_AIF_PEAK_HU:
+        problems.append(f"AIF: low arterial signal (peak {aif.peak_hu:.0f} HU < "
+                        f"{MIN_AIF_PEAK_HU:.0f} HU)")
+    if vof is None:
+        problems.append("VOF: none found; the AIF is not corrected for partial volume")
+    elif vof.fit["r2"] < MIN_FIT_R2:
+        problems.append(f"VOF: gamma-variate fit R2 {vof.fit['r2']:.2f} < {MIN_FIT_R2}; "
+                        "not used")
+    else:
+        ratio = gamma_variate_area(vof.fit) / gamma_variate_area(aif.fit)
+        if ratio > MAX_VOF_SCALE:
+            problems.append(f"VOF: its area is {ratio:.1f}x the AIF's (> {MAX_VOF_SCALE:.0f}x); "
+                            "not used")
+    return problems
 
 
 def vof_scale_factor(aif: VesselCurve, vof: VesselCurve | None) -> float:

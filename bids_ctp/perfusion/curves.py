@@ -71,6 +71,12 @@ def baseline(curves: np.ndarray, n_frames: int, source: str = "image") -> np.nda
     return curves[..., :n_frames].mean(axis=-1, dtype=np.float64).astype(np.float32)
 
 
+def bolus_truncated(mean_enhancement: np.ndarray) -> bool:
+    """Whether the tissue is still enhancing at the end of the scan (its peak in the last 2
+    frames): CBV, MTT and the fit of slow tissue are then underestimated or unreliable."""
+    return int(np.argmax(mean_enhancement)) >= len(mean_enhancement) - 2
+
+
 def time_to_peak(times: np.ndarray, curves: np.ndarray) -> np.ndarray:
     """Time of the curve maximum, refined by a parabola through the peak frame and its neighbours.
 
