@@ -1,5 +1,6 @@
 """The bids_ctp command line (bids_ctp.cli.run.main), with the workflow replaced by a fake."""
 import json
+import os
 import subprocess
 import sys
 import types
@@ -198,3 +199,101 @@ def test_python_dash_m(tmp_path):
                            "participant"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 66
     assert proc.stderr.strip() == f"bids_ctp: error: BIDS directory not found: {tmp_path / 'nope'}"
+
+
+# ------------------------------------------------------------------------ execution plugins
+@pytest.mark.parametrize("argv, words", [
+    (["in", "out", "participant", "--plugin", "Torque"], ["--plugin", "Torque"]),
+    (["in", "out", "participant", "--plugin-args", "{not json"], ["--plugin-args", "JSON"]),
+    (["in", "out", "participant", "--plugin-args", "[1, 2]"], ["--plugin-args", "mapping"]),
+    (["in", "out", "participant", "--plugin-args", "no_such_file.yml"], ["--plugin-args", "no_such_file.yml"]),
+    (["in", "out", "participant", "--mem-gb", "0"], ["--mem-gb"]),
+    (["in", "out", "participant", "--omp-nthreads", "0"], ["--omp-nthreads"]),
+])
+def test_bad_execution_options_exit_64(capsys, argv, words):
+    assert main(argv) == 64
+    one_error_line(capsys, *words)
+
+
+def test_execution_defaults():
+    args = build_parser().parse_args(["in", "out", "participant"])
+    assert args.plugin is None and args.plugin_args is None and args.mem_gb is None and args.omp_nthreads is None
+
+
+def test_plugin_args_json_and_yaml_files(tmp_path):
+    (tmp_path / "a.json").write_text('{"sbatch_args": "-p short"}')
+    (tmp_path / "a.yml").write_text("n_procs: 3\nmemory_gb: 2.5\n")
+    parse = build_parser().parse_args
+    assert parse(["i", "o", "participant", "--plugin-args", str(tmp_path / "a.json")]).plugin_args == {
+        "sbatch_args": "-p short"}
+    assert parse(["i", "o", "participant", "--plugin_args", str(tmp_path / "a.yml")]).plugin_args == {
+        "n_procs": 3, "memory_gb": 2.5}
+
+
+def _run_with(ds, tmp_path, fake_wf, *extra):
+    calls, _ = fake_wf
+    assert main([str(ds), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"), *extra]) == 0
+    (call,) = calls
+    (run,) = call["wf"].runs
+    return run, call["options"]
+
+
+def test_multiproc_memory_and_threads(ds, tmp_path, fake_wf):
+    run, options = _run_with(ds, tmp_path, fake_wf, "--nprocs", "4", "--mem-gb", "6", "--omp-nthreads", "2")
+    assert run == ("MultiProc", {"n_procs": 4, "memory_gb": 6.0}) and options.omp_nthreads == 2
+
+
+def test_omp_nthreads_default(ds, tmp_path, fake_wf):
+    run, options = _run_with(ds, tmp_path, fake_wf, "--nprocs", "12")
+    assert run == ("MultiProc", {"n_procs": 12}) and options.omp_nthreads == 8
+
+
+def test_plugin_args_override_nprocs(ds, tmp_path, fake_wf):
+    run, _ = _run_with(ds, tmp_path, fake_wf, "--plugin", "MultiProc", "--nprocs", "1",
+                       "--plugin-args", '{"n_procs": 3, "raise_insufficient": false}')
+    assert run == ("MultiProc", {"n_procs": 3, "raise_insufficient": False})
+
+
+def test_omp_nthreads_above_multiproc_procs(ds, tmp_path, capsys, fake_wf):
+    assert main([str(ds), str(tmp_path / "out"), "participant", "--nprocs", "2", "--omp-nthreads", "4"]) == 64
+    one_error_line(capsys, "--omp-nthreads")
+
+
+def test_plugin_args_need_plugin(ds, tmp_path, capsys, fake_wf):
+    assert main([str(ds), str(tmp_path / "out"), "participant", "--plugin-args", '{"n_procs": 2}']) == 64
+    one_error_line(capsys, "--plugin")
+
+
+def test_linear_plugin(ds, tmp_path, fake_wf):
+    run, _ = _run_with(ds, tmp_path, fake_wf, "--plugin", "Linear", "--nprocs", "4")
+    assert run == ("Linear", {})
+
+
+def test_slurm_plugin_sets_logname_and_memory(ds, tmp_path, fake_wf, monkeypatch):
+    monkeypatch.delenv("LOGNAME", raising=False)
+    monkeypatch.delenv("USER", raising=False)
+    run, _ = _run_with(ds, tmp_path, fake_wf, "--plugin", "SLURM", "--mem-gb", "1.5",
+                       "--plugin-args", '{"sbatch_args": "-p short"}')
+    assert run == ("SLURM", {"sbatch_args": "-p short --mem=1536M"})
+    assert os.environ["LOGNAME"] and os.environ["USER"]
+    assert main([str(ds), str(tmp_path / "out2"), "participant", "-w", str(tmp_path / "w2"), "--plugin", "SLURM",
+                 "--mem-gb", "1.5", "--plugin-args", '{"sbatch_args": "--mem=4G"}']) == 0
+    assert fake_wf[0][-1]["wf"].runs == [("SLURM", {"sbatch_args": "--mem=4G"})]
+
+
+def test_workflow_threads_and_slurm_node_args(ds, tmp_path):
+    from bids_ctp.bids import collect_inputs
+    from bids_ctp.workflows.base import init_bids_ctp_wf
+
+    inputs = collect_inputs(ds, participant_label=["01"])
+    args = build_parser().parse_args([str(ds), str(tmp_path), "participant", "--nprocs", "6", "--omp-nthreads", "3",
+                                      "--plugin", "SLURM"])
+    wf = init_bids_ctp_wf(inputs, tmp_path / "out", tmp_path / "w", options=args)
+    nodes = {n.name: n for n in wf._get_all_nodes()}
+    assert nodes["smooth"].n_procs == 3 and nodes["smooth"].inputs.n_threads == 3
+    assert nodes["motion"].plugin_args == {"sbatch_args": "--cpus-per-task=3", "overwrite": False}
+    assert wf.config["execution"]["poll_sleep_duration"] == 0.5
+    args.plugin, args.omp_nthreads = None, None
+    wf = init_bids_ctp_wf(inputs, tmp_path / "out", tmp_path / "w", options=args)
+    nodes = {n.name: n for n in wf._get_all_nodes()}
+    assert nodes["smooth"].n_procs == 6 and not nodes["motion"].plugin_args

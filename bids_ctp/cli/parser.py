@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -57,6 +58,52 @@ def _fraction(text: str) -> float:
     value = _positive_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+# nipype execution plugins (nipype.pipeline.plugins) that need nothing beyond nipype itself
+PLUGINS = ("Linear", "MultiProc", "LegacyMultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS",
+           "PBSGraph", "LSF", "Condor", "CondorDAGMan", "OAR")
+#: plugins that submit each node as a batch job: nodes run on other machines
+CLUSTER_PLUGINS = frozenset(PLUGINS) - {"Linear", "MultiProc", "LegacyMultiProc"}
+
+
+def _plugin_args(text: str) -> dict:
+    """``--plugin-args``: a JSON object, or the path of a JSON or YAML file holding one."""
+    text = text.strip()
+    if text.startswith(("{", "[")):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg} at character {err.pos})") from None
+        source = "the JSON text"
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"n_procs\": 4}}' or the path of "
+                                             f"a JSON/YAML file; no file {text!r}")
+        try:
+            content = path.read_text()
+        except OSError as err:
+            raise argparse.ArgumentTypeError(f"cannot read {path}: {err.strerror or err}") from None
+        source = str(path)
+        if path.suffix.lower() in (".yml", ".yaml"):
+            try:
+                import yaml
+            except ImportError:
+                raise argparse.ArgumentTypeError(f"{path} is YAML but PyYAML is not installed; use JSON") from None
+            try:
+                value = yaml.safe_load(content)
+            except yaml.YAMLError as err:
+                raise argparse.ArgumentTypeError(f"{path} is not valid YAML: {err}") from None
+        else:
+            try:
+                value = json.loads(content)
+            except json.JSONDecodeError as err:
+                raise argparse.ArgumentTypeError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{source} must hold a mapping (e.g. {{\"sbatch_args\": \"-p short\"}}), "
+                                         f"not a {type(value).__name__}")
     return value
 
 
@@ -147,6 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
                      default=_default_nprocs(), metavar="N",
                      help="number of processes to run in parallel, >= 1 (default: the CPUs available, "
                           "%(default)s)")
+    run.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int,
+                     metavar="N",
+                     help="threads used by each multithreaded step (motion correction, smoothing), >= 1; "
+                          "with a cluster plugin also the CPUs requested for those jobs (SLURM: "
+                          "--cpus-per-task) (default: min(--nprocs, 8))")
+    run.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float, metavar="GB",
+                     help="memory in GB: the limit MultiProc schedules within (its memory_gb), or with "
+                          "SLURM the memory requested per job (sbatch --mem, unless --plugin-args sets "
+                          "--mem); other cluster plugins: pass it in --plugin-args (default: no limit)")
+    run.add_argument("--plugin", choices=PLUGINS, metavar="{" + ",".join(PLUGINS) + "}",
+                     help="nipype execution plugin. Linear runs the steps one after the other; MultiProc "
+                          "runs independent series (participants, sessions, runs) in parallel on this "
+                          "machine; SLURM, SGE, PBS, LSF, ... submit every step as a batch job, so a "
+                          "cluster runs the series in parallel; the work directory (-w) and the Python "
+                          "running bids_ctp must then be visible on the compute nodes (default: "
+                          "MultiProc when --nprocs > 1 and several series are selected, else Linear)")
+    run.add_argument("--plugin-args", "--plugin_args", dest="plugin_args", type=_plugin_args,
+                     metavar="JSON|FILE",
+                     help="arguments of the plugin: a JSON object, or a JSON or YAML file holding one, e.g. "
+                          "'{\"sbatch_args\": \"-p short --time=01:00:00\"}' for SLURM or "
+                          "'{\"n_procs\": 4, \"memory_gb\": 8}' for MultiProc (see nipype's plugin "
+                          "documentation; --nprocs and --mem-gb fill in what this leaves out)")
     run.add_argument("-v", "--verbose", action="count", default=0,
                      help="more log messages: -v for INFO, -vv for DEBUG (default: warnings only)")
     run.add_argument("--version", action="version", version=f"bids_ctp {__version__}",

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import BidsCtpError, DataError, InputMissingError, OutputError, UsageError
-from .parser import build_parser
+from .parser import CLUSTER_PLUGINS, build_parser
 
 LOGGER = logging.getLogger("bids_ctp")
 GROUP_MESSAGE = "bids_ctp: group level has nothing to do yet (no group outputs in this version)"
@@ -108,6 +110,7 @@ def _run(args) -> int:
     _make_dir("work directory", work_dir)
     write_dataset_description(output_dir, bids_dir)
 
+    plugin, plugin_args = _execution(args, len(inputs))
     crash_dir = work_dir / "crash"
     _setup_nipype(args.verbose, crash_dir)
     from ..workflows.base import init_bids_ctp_wf
@@ -118,12 +121,10 @@ def _run(args) -> int:
         wf.base_dir = str(work_dir)
     old_crashes = set(crash_dir.glob("crash-*"))
     try:
-        # Series are independent branches; with a single series the chain is sequential and
-        # MultiProc would only add scheduling overhead (the smoothing node is multithreaded).
-        if args.nprocs > 1 and len(inputs) > 1:
-            wf.run(plugin="MultiProc", plugin_args={"n_procs": args.nprocs})
-        else:
+        if plugin is None:
             wf.run()
+        else:
+            wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:
         LOGGER.debug("workflow failure: %s", err)
         data_errors = _data_errors(set(crash_dir.glob("crash-*")) - old_crashes)
@@ -136,6 +137,64 @@ def _run(args) -> int:
         return 1
     print(f"bids_ctp: derivatives of {len(inputs)} CTP series are in {output_dir}")
     return 0
+
+
+def _execution(args, n_series: int):
+    """The nipype plugin and its arguments from --plugin, --plugin-args, --nprocs, --mem-gb and
+    --omp-nthreads; ``(None, None)`` runs the workflow in this process (nipype's Linear).
+
+    Also fills in ``args.omp_nthreads`` (default min(nprocs, 8)), which the workflow reads."""
+    if args.omp_nthreads is None:
+        args.omp_nthreads = min(args.nprocs, 8)
+    plugin = args.plugin
+    plugin_args = dict(args.plugin_args or {})
+    if plugin is None:
+        if plugin_args:
+            raise UsageError("--plugin-args needs --plugin (e.g. --plugin MultiProc or --plugin SLURM)")
+        # Series are independent branches; with a single series the chain is sequential and
+        # MultiProc would only add scheduling overhead (the smoothing node is multithreaded).
+        plugin = "MultiProc" if args.nprocs > 1 and n_series > 1 else None
+        if plugin is None and args.mem_gb is None:
+            return None, None
+        plugin = plugin or "Linear"
+    if plugin in ("MultiProc", "LegacyMultiProc"):
+        plugin_args.setdefault("n_procs", args.nprocs)
+        if args.mem_gb is not None:
+            plugin_args.setdefault("memory_gb", args.mem_gb)
+        n_procs = plugin_args["n_procs"]
+        if isinstance(n_procs, int) and args.omp_nthreads > n_procs:
+            raise UsageError(f"--omp-nthreads {args.omp_nthreads} is more than the {n_procs} processes "
+                             f"{plugin} may use (--nprocs or n_procs in --plugin-args)")
+    elif plugin in ("SLURM", "SLURMGraph"):
+        sbatch_args = str(plugin_args.get("sbatch_args", ""))
+        if args.mem_gb is not None and "--mem" not in sbatch_args:
+            sbatch_args = f"{sbatch_args} --mem={max(1, math.ceil(args.mem_gb * 1024))}M".strip()
+        if sbatch_args:
+            plugin_args["sbatch_args"] = sbatch_args
+    if plugin in CLUSTER_PLUGINS:
+        # nipype's batch plugins name jobs after $LOGNAME (KeyError without it, e.g. in containers,
+        # cron jobs or `su -c`); the jobs run this very interpreter (sys.executable), so the
+        # environment bids_ctp runs in must be visible on the compute nodes.
+        user = os.environ.get("LOGNAME") or os.environ.get("USER") or _user_name()
+        os.environ.setdefault("LOGNAME", user)
+        os.environ.setdefault("USER", user)
+        if _inside(args.work_dir, Path(tempfile.gettempdir()).resolve()):
+            LOGGER.warning("work directory %s is in the temporary folder; with --plugin %s it must be "
+                           "visible on every compute node (use -w on a shared filesystem)",
+                           args.work_dir, plugin)
+        LOGGER.info("submitting the steps with nipype's %s plugin (jobs run %s)", plugin, sys.executable)
+    if plugin == "Linear":
+        plugin_args = {}
+    return plugin, plugin_args
+
+
+def _user_name() -> str:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # no passwd entry for this uid (e.g. docker run -u 4242)
+        return f"uid{os.getuid()}"
 
 
 def _data_errors(crash_files) -> list[str]:

@@ -15,6 +15,7 @@ import re
 from nipype.pipeline import engine as pe
 
 from bids_ctp import __version__
+from bids_ctp.cli.parser import CLUSTER_PLUGINS
 from bids_ctp.interfaces.derivatives import WriteDerivatives
 from bids_ctp.interfaces.perfusion import (BrainMask, Deconvolve, EnhancementCurves, LoadCTP,
                                            MotionCorrection, PerfusionMaps, SelectVessels,
@@ -28,11 +29,22 @@ def init_bids_ctp_wf(inputs, output_dir, work_dir, options=None) -> pe.Workflow:
     wf = pe.Workflow(name=f"bids_ctp_{__version__.replace('.', '_')}_wf",
                      base_dir=os.fspath(work_dir))
     wf.config["execution"]["remove_unnecessary_outputs"] = False
-    # nipype's default 2 s scheduler poll would dominate a run of a few seconds
-    wf.config["execution"]["poll_sleep_duration"] = 0.05
+    # nipype's default 2 s scheduler poll would dominate a run of a few seconds; a batch scheduler
+    # is asked about every pending job at each poll, so it gets a gentler (still short) interval
+    cluster = getattr(options, "plugin", None) in CLUSTER_PLUGINS
+    wf.config["execution"]["poll_sleep_duration"] = 0.5 if cluster else 0.05
     for ctp_input in inputs:
         wf.add_nodes([init_ctp_wf(ctp_input, output_dir, options)])
     return wf
+
+
+def omp_nthreads(options=None) -> int:
+    """Threads per multithreaded node: ``--omp-nthreads``, else min(``--nprocs``, 8), else
+    min(CPUs, 8)."""
+    value = getattr(options, "omp_nthreads", None)
+    if not value:
+        value = min(int(getattr(options, "nprocs", None) or os.cpu_count() or 1), 8)
+    return max(1, int(value))
 
 
 def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
@@ -40,7 +52,7 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
     method = getattr(options, "deconvolution", "nlr")
     density = getattr(options, "density", DEFAULT_DENSITY)
     kh = getattr(options, "kh", DEFAULT_KH)
-    threads = max(1, int(getattr(options, "nprocs", None) or os.cpu_count() or 1))
+    threads = omp_nthreads(options)
 
     times = list(ctp_input.frame_times)
     wf = pe.Workflow(name=re.sub(r"\W", "_", ctp_input.name) + "_wf")
@@ -48,6 +60,9 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
     moco = pe.Node(MotionCorrection(enabled=getattr(options, "motion_correction", True),
                                     n_threads=threads), name="motion", n_procs=threads)
     smooth = pe.Node(SmoothCTP(n_threads=threads), name="smooth", n_procs=threads)
+    if getattr(options, "plugin", None) in ("SLURM", "SLURMGraph") and threads > 1:
+        for node in (moco, smooth):  # appended to the run's sbatch_args
+            node.plugin_args = {"sbatch_args": f"--cpus-per-task={threads}", "overwrite": False}
     source = ctp_input.path.name  # named in data-error messages
     brain = pe.Node(BrainMask(source=source), name="brain_mask")
     if ctp_input.brain_mask is not None:
@@ -74,7 +89,7 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (moco, brain, [("mean_file", "mean_file")]),
         (moco, write, [("parameters", "motion_parameters"),
                        ("framewise_displacement", "framewise_displacement"),
-                       ("qc_flags", "qc_flags")]),
+                       ("qc_flags", "motion_flags")]),
         (smooth, enhancement, [("out_file", "in_file")]),
         (brain, enhancement, [("out_mask", "mask")]),
         (smooth, aif, [("out_file", "in_file")]),
@@ -93,9 +108,9 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (brain, write, [("out_mask", "brain_mask")]),
         (smooth, write, [("noise_sd", "noise_sd"), ("sigma_mm", "sigma_mm")]),
         (enhancement, write, [("arrival_frame", "arrival_frame"),
-                              ("baseline_frames", "baseline_frames")]),
+                              ("baseline_frames", "baseline_frames"), ("qc_flags", "curve_flags")]),
         (aif, write, [("aif", "aif"), ("aif_measured", "aif_measured"), ("aif_info", "aif_info"),
                       ("aif_mask", "aif_mask"), ("vof", "vof"), ("vof_info", "vof_info"),
-                      ("vof_mask", "vof_mask")]),
+                      ("vof_mask", "vof_mask"), ("qc_flags", "vessel_flags")]),
     ])
     return wf
