@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo clean distclean
+.PHONY: venv test demo container-test clean distclean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: venv
 	@echo "Input dataset:  $(CURDIR)/demo/bids"
 	@echo "Ground truth:   $(CURDIR)/demo/bids/derivatives/groundtruth"
 	@echo "Derivatives:    $(CURDIR)/demo/derivatives"
+
+# Build the Docker image and run the phantom demo in it (read-only input, non-root uid); slow
+# (about 2-3 min), so not part of `make test`. See scripts/container-test.sh for its settings.
+container-test:
+	scripts/container-test.sh
 
 clean:
 	rm -rf demo build dist .pytest_cache

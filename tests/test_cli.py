@@ -255,12 +255,14 @@ def test_plugin_args_override_nprocs(ds, tmp_path, fake_wf):
 
 
 def test_omp_nthreads_above_multiproc_procs(ds, tmp_path, capsys, fake_wf):
-    assert main([str(ds), str(tmp_path / "out"), "participant", "--nprocs", "2", "--omp-nthreads", "4"]) == 64
+    assert main([str(ds), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"), "--nprocs", "2",
+                 "--omp-nthreads", "4"]) == 64
     one_error_line(capsys, "--omp-nthreads")
 
 
 def test_plugin_args_need_plugin(ds, tmp_path, capsys, fake_wf):
-    assert main([str(ds), str(tmp_path / "out"), "participant", "--plugin-args", '{"n_procs": 2}']) == 64
+    assert main([str(ds), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+                 "--plugin-args", '{"n_procs": 2}']) == 64
     one_error_line(capsys, "--plugin")
 
 
