@@ -16,11 +16,12 @@ import math
 import numbers
 import re
 import warnings
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
 from .errors import DataError, InputMissingError, UsageError
-from .inputs import KEPT_ENTITIES, CTPInput
+from .inputs import KEPT_ENTITIES, MIN_FRAMES, CTPInput
 
 LOGGER = logging.getLogger("bids_ctp.bids")
 
@@ -32,6 +33,14 @@ _IGNORED_ROOT_DIRS = re.compile(r"^/(code|models|sourcedata|stimuli|derivatives|
 # and anything not ending in "ctp.<ext>" (inherited sidecars such as "/ctp.json" still pass).
 # Matched against "/<relative path>"; directories have no dot in their last component, so they pass.
 _IGNORED_FILES = re.compile(r"^(?!.*ctp\.(nii|nii\.gz|json)$).*/[^/]*\.[^/]*$")
+# BIDS labels are letters and digits only; anything else (``/``, ``..``, ``*``, spaces) is refused, so a
+# label can never point outside the dataset or the output folder.
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+# Frame timing sanity: CT gantries need >= 0.25 s per rotation, so frames closer than this are duplicates
+# (and would make the uniform resampling grid huge); a CTP series lasts minutes, not hours, so a longer
+# one means the times are not in seconds (e.g. milliseconds).
+MIN_FRAME_INTERVAL_S = 0.1
+MAX_SCAN_DURATION_S = 3600.0
 
 
 @lru_cache(maxsize=1)
@@ -73,17 +82,23 @@ def _one_line(err: BaseException) -> str:
 
 
 def _strip(labels, prefix: str) -> list[str] | None:
-    """Accept labels with or without ``sub-``/``ses-``; ``None`` or empty means "all"."""
+    """Accept labels with or without ``sub-``/``ses-``; ``None`` or empty means "all".
+
+    A label that is empty or not purely alphanumeric (``/``, ``..``, ``_``, ``*`` ...) is a UsageError."""
     if not labels:
         return None
     if isinstance(labels, str):
         labels = [labels]
+    kind = "participant" if prefix == "sub-" else "session"
     out = []
-    for label in labels:
-        label = str(label).strip()
+    for raw in labels:
+        label = str(raw).strip()
         if label.startswith(prefix):
             label = label[len(prefix):]
-        if label and label not in out:
+        if not _LABEL.match(label):
+            raise UsageError(f"invalid {kind} label {str(raw)!r}: BIDS labels contain letters and digits "
+                             f"only (e.g. --{kind}-label 01 or {prefix}01)")
+        if label not in out:
             out.append(label)
     return out or None
 
@@ -121,19 +136,17 @@ def _layout_ok(relpath: str, ents: dict) -> bool:
     return folders in ([], ["ct"])
 
 
-def _n_frames(path: Path) -> tuple[int, "object"]:
-    import nibabel as nb
+def _n_frames(path: Path) -> int:
+    """Frame count of a CTP file after every header-level check (see images.check_ctp_header)."""
+    from .interfaces.images import check_ctp_header
 
     try:
-        img = nb.load(str(path))  # lazy: reads the header only
-    except Exception as err:
+        info = check_ctp_header(path, MIN_FRAMES)
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from err
+    except Exception as err:  # defensive: a header nibabel cannot even parse
         raise DataError(f"{path}: cannot read the NIfTI header: {_one_line(err)}") from err
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) != 4:
-        raise DataError(f"{path}: expected a 4D CTP image, got shape {shape}")
-    if shape[3] < 2:
-        raise DataError(f"{path}: expected a 4D CTP image with several frames, got shape {shape}")
-    return shape[3], img.header
+    return info.shape[3]
 
 
 def _header_interval(path) -> float | None:
@@ -152,7 +165,12 @@ def _header_interval(path) -> float | None:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (OverflowError, ValueError):  # e.g. a 400-digit integer from JSON
+        return False
 
 
 def _check_times(path, field: str, values, n_frames: int) -> list[float]:
@@ -163,10 +181,28 @@ def _check_times(path, field: str, values, n_frames: int) -> list[float]:
     if not all(_is_number(v) for v in values):
         raise DataError(f"{path}: {field} must contain finite numbers (s) only")
     times = [float(v) for v in values]
+    if times and times[0] < 0:
+        raise DataError(f"{path}: {field} must not be negative (s from the scan start), but value 0 is "
+                        f"{times[0]:g}")
     for i in range(1, len(times)):
         if times[i] <= times[i - 1]:
+            what = "duplicated" if times[i] == times[i - 1] else "not increasing"
             raise DataError(f"{path}: {field} must be strictly increasing, but value {i} ({times[i]:g}) "
-                            f"is not after value {i - 1} ({times[i - 1]:g})")
+                            f"is not after value {i - 1} ({times[i - 1]:g}): {what}")
+    return times
+
+
+def _check_spacing(path, field: str, times: list[float], error=DataError) -> list[float]:
+    """Frames at least MIN_FRAME_INTERVAL_S apart and a scan no longer than MAX_SCAN_DURATION_S."""
+    if len(times) > 1:
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        i = min(range(len(gaps)), key=gaps.__getitem__)
+        if gaps[i] < MIN_FRAME_INTERVAL_S:
+            raise error(f"{path}: {field} puts frames {i} and {i + 1} only {gaps[i]:g} s apart (at least "
+                        f"{MIN_FRAME_INTERVAL_S:g} s expected): duplicated frames or times not in seconds?")
+        if not math.isfinite(times[-1]) or times[-1] - times[0] > MAX_SCAN_DURATION_S:
+            raise error(f"{path}: {field} gives a scan of {times[-1] - times[0]:g} s (more than "
+                        f"{MAX_SCAN_DURATION_S:g} s): are the times in milliseconds instead of seconds?")
     return times
 
 
@@ -184,21 +220,25 @@ def resolve_frame_times(path, metadata, n_frames: int, frame_interval: float | N
     -> ``frame_interval`` (``--frame-interval``). The NIfTI header is never trusted; it is only quoted in
     the error message as a hint. A field that is present but invalid is an error, not skipped.
     """
-    metadata = metadata or {}
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, Mapping):
+        raise DataError(f"{path}: the JSON sidecar must hold an object {{...}}, got {type(metadata).__name__}")
     for field in ("FrameTimesStart", "VolumeTiming"):
         if metadata.get(field) is not None:
-            times = _check_times(path, field, metadata[field], n_frames)
+            times = _check_spacing(path, field, _check_times(path, field, metadata[field], n_frames))
             _warn_ignored_interval(path, field, frame_interval)
             return times, field
     if metadata.get("RepetitionTime") is not None:
         tr = _check_interval(path, "RepetitionTime", metadata["RepetitionTime"])
+        times = _check_spacing(path, "RepetitionTime", [i * tr for i in range(n_frames)])
         _warn_ignored_interval(path, "RepetitionTime", frame_interval)
-        return [i * tr for i in range(n_frames)], "RepetitionTime"
+        return times, "RepetitionTime"
     if frame_interval is not None:
         if not _is_number(frame_interval) or float(frame_interval) <= 0:
             raise UsageError(f"--frame-interval must be a number of seconds > 0, got {frame_interval!r}")
         step = float(frame_interval)
-        return [i * step for i in range(n_frames)], "--frame-interval"
+        times = _check_spacing(path, "--frame-interval", [i * step for i in range(n_frames)], UsageError)
+        return times, "--frame-interval"
     msg = (f"{path}: no frame timing: the sidecar has no FrameTimesStart, VolumeTiming or RepetitionTime; "
            f"pass --frame-interval SECONDS")
     hint = _header_interval(path)
@@ -226,6 +266,45 @@ def _mask_for(template: str, ents: dict, path: Path, kind: str = "brain") -> Pat
     return mask_path
 
 
+def _check_description(bids_dir: Path) -> None:
+    """``dataset_description.json`` is not needed (nothing in it is used) and ISLES'24's ``raw_data`` has
+    none: a missing one is only logged (``-v``), so that it adds no line to every error of an ISLES'24 run;
+    an unreadable one is a warning, never an error."""
+    path = bids_dir / "dataset_description.json"
+    if not path.exists():
+        if any(p.name.startswith("sub-") for p in bids_dir.iterdir()):
+            LOGGER.info("%s has no dataset_description.json; reading it as a BIDS-like dataset "
+                           "(as ISLES'24 raw_data)", bids_dir)
+        return
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        LOGGER.warning("%s: unreadable, ignored (%s)", path, _one_line(err))
+        return
+    if not isinstance(description, dict):
+        LOGGER.warning("%s: not a JSON object, ignored", path)
+    elif description.get("DatasetType") == "derivative":
+        LOGGER.warning("%s says DatasetType 'derivative'; bids_dir should be the raw dataset", path)
+
+
+def _check_sidecars(bids_dir: Path) -> None:
+    """Every ``*ctp.json`` that could apply to a CTP series must be a JSON object (pybids' own message for
+    a broken one names no file, and one broken sidecar stops the indexing of the whole dataset)."""
+    candidates = list(bids_dir.glob("*ctp.json"))
+    for sub in bids_dir.glob("sub-*"):
+        if sub.is_dir():
+            candidates += [p for p in sub.rglob("*ctp.json") if p.is_file()]
+    for path in sorted(candidates):
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: cannot read the JSON sidecar: {_one_line(err)}") from err
+        except ValueError as err:
+            raise DataError(f"{path}: invalid JSON sidecar: {_one_line(err)}") from err
+        if not isinstance(content, dict):
+            raise DataError(f"{path}: the JSON sidecar must hold an object {{...}}, got a {type(content).__name__}")
+
+
 def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_interval=None,
                    brain_mask=None, aif_mask=None, vof_mask=None) -> list[CTPInput]:
     """All selected CTP series of ``bids_dir``, validated (4D, frame timing, mask present), sorted by path.
@@ -238,6 +317,8 @@ def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_i
         raise InputMissingError(f"BIDS directory not found: {bids_dir}")
     subjects = _strip(participant_label, "sub-")
     sessions = _strip(session_label, "ses-")
+    _check_description(bids_dir)
+    _check_sidecars(bids_dir)
 
     layout = _load_layout(bids_dir)
     found = []
@@ -247,6 +328,10 @@ def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_i
         ents = _entities_from_name(path.name)
         if "subject" not in ents or not _layout_ok(relpath, ents):
             LOGGER.warning("skipping %s: not in sub-<label>/[ses-<label>/][ct/]", relpath)
+            continue
+        bad = [f"{k}-{v}" for k, v in ents.items() if not _LABEL.match(v)]
+        if bad:
+            LOGGER.warning("skipping %s: BIDS labels are letters and digits only (%s)", relpath, ", ".join(bad))
             continue
         found.append((relpath, path, ents, bf))
     found.sort(key=lambda item: item[0])
@@ -287,7 +372,7 @@ def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_i
     inputs: list[CTPInput] = []
     by_name: dict[str, str] = {}
     for relpath, path, ents, bf in found:
-        n_frames, _ = _n_frames(path)
+        n_frames = _n_frames(path)
         try:
             metadata = dict(bf.get_metadata() or {})
         except Exception as err:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 # BIDS entities copied from the input name to every output name, in BIDS order.
 KEPT_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "run")
+# Fewest frames a CTP series may have: a baseline (>= 2 frames) and a bolus passage to fit.
+MIN_FRAMES = 10
 
 
 @dataclass

@@ -23,3 +23,14 @@ def make_ctp(root, rel, sidecar=None, shape=(6, 6, 2, 12), pixdim4=0.0):
 
 def listing(root):
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
+
+
+def snapshot(root):
+    """Every entry under root: relative path -> sha256 of a file's content, or "dir" (listing + checksums)."""
+    import hashlib
+
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out

@@ -9,12 +9,15 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     isdefined, traits)
 
 from bids_ctp.errors import DataError
+from bids_ctp.inputs import MIN_FRAMES
 from bids_ctp.interfaces import images
 from bids_ctp.perfusion import aif as aif_stage
 from bids_ctp.perfusion import curves, deconvolution, maps, mask, motion, preprocess
 
-MIN_FRAMES = 10
 MIN_SLICES_FOR_MOTION = 3
+# Largest |value| accepted from a CTP series: CT is about -1024...30000 HU; beyond this the scaling
+# (scl_slope/scl_inter) is wrong or the image is not in HU, and float32 sums would overflow later.
+MAX_ABS_HU = 1e5
 
 
 class _LoadInput(BaseInterfaceInputSpec):
@@ -34,22 +37,46 @@ class LoadCTP(SimpleInterface):
 
     def _run_interface(self, runtime):
         name = os.path.basename(self.inputs.in_file)
+        # the header checks of bids.collect_inputs again (cheap), for files that bypassed it
         try:
-            data = images.load(self.inputs.in_file)
-        except Exception as err:  # corrupt or truncated file: report it, never a traceback
-            raise DataError(f"{name}: cannot read image ({err})") from err
+            info = images.check_ctp_header(self.inputs.in_file, MIN_FRAMES)
+        except DataError as err:
+            raise DataError(f"{name}: {err}") from None
+        except Exception as err:  # never a traceback for a broken file
+            raise DataError(f"{name}: cannot read the NIfTI header ({images.one_line(err)})") from None
         n_times = len(self.inputs.frame_times)
-        if data.ndim != 4 or data.shape[3] < MIN_FRAMES:
+        if info.shape[3] != n_times:
+            raise DataError(f"{name}: {info.shape[3]} frames but {n_times} frame times")
+        import warnings  # noqa: PLC0415 (kept inside LoadCTP)
+
+        try:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")  # numpy/nibabel overflow warnings would be extra stderr lines
+                data = images.load(self.inputs.in_file)
+        except MemoryError:
+            raise DataError(f"{name}: too large to load (shape {info.shape})") from None
+        except images.CORRUPT_DATA_ERRORS as err:
+            raise DataError(f"{name}: truncated or corrupt data ({images.one_line(err)})") from None
+        except Exception as err:  # corrupt or truncated file: report it, never a traceback
+            raise DataError(f"{name}: cannot read the image data ({images.one_line(err)})") from None
+        if data.shape != info.shape:  # defensive: the header check and nibabel disagree
             raise DataError(f"{name}: expected a 4D image with >= {MIN_FRAMES} frames, "
                             f"got shape {data.shape}")
-        if data.shape[3] != n_times:
-            raise DataError(f"{name}: {data.shape[3]} frames but {n_times} frame times")
-        # integer voxels are finite unless the scaling is not, which shows in any frame:
-        # only float data needs the full (slow) scan
-        on_disk = nb.load(self.inputs.in_file).get_data_dtype()
-        scan = data if np.issubdtype(on_disk, np.floating) else data[..., :1]
-        if not np.isfinite(scan).all():
-            raise DataError(f"{name}: image contains NaN or infinite voxels")
+        # integer voxels are finite: the header check bounds their scaling within float32; float
+        # data (or float scaling of it) needs the full scan
+        if np.issubdtype(info.dtype, np.floating):
+            bad = ~np.isfinite(data)
+            if bad.any():
+                first = tuple(int(i) for i in np.argwhere(bad)[0])
+                scaled = info.slope != 1.0 or info.inter != 0.0
+                raise DataError(f"{name}: {int(bad.sum())} voxel value(s) are NaN or infinite"
+                                f"{' after scaling (scl_slope/scl_inter)' if scaled else ''} "
+                                f"(first at voxel {first[:3]}, frame {first[3]})")
+        low, high = float(data.min()), float(data.max())
+        if max(-low, high) > MAX_ABS_HU:
+            raise DataError(f"{name}: values from {low:.6g} to {high:.6g} are not Hounsfield units (|HU| <= "
+                            f"{MAX_ABS_HU:g}); check the scaling (scl_slope {info.slope:g}, scl_inter "
+                            f"{info.inter:g})")
         self._results["out_file"] = images.save_like(data, self.inputs.in_file, "ctp_hu.nii")
         return runtime
 
