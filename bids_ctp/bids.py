@@ -197,7 +197,7 @@ def _check_spacing(path, field: str, times: list[float], error=DataError) -> lis
     if len(times) > 1:
         gaps = [b - a for a, b in zip(times, times[1:])]
         i = min(range(len(gaps)), key=gaps.__getitem__)
-        if gaps[i] < MIN_FRAME_INTERVAL_S:
+        if gaps[i] < MIN_FRAME_INTERVAL_S - 1e-9:  # (0.3 - 0.2 < 0.1 in floating point)
             raise error(f"{path}: {field} puts frames {i} and {i + 1} only {gaps[i]:g} s apart (at least "
                         f"{MIN_FRAME_INTERVAL_S:g} s expected): duplicated frames or times not in seconds?")
         if not math.isfinite(times[-1]) or times[-1] - times[0] > MAX_SCAN_DURATION_S:
