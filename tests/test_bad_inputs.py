@@ -474,8 +474,6 @@ def test_disk_full_writing_dataset_description(phantom, tmp_path, capsys, monkey
     assert [p.name for p in out.iterdir()] == []  # no half-written file, no temporary left
 
 
-@pytest.mark.xfail(strict=False, reason="needs cli/run.py to report an OutputError raised in a node "
-                   "(nipype crash file) as one line with exit 73; it reads only DataError and exits 1")
 def test_disk_full_writing_maps(phantom, tmp_path, capsys, monkeypatch):
     """Maps written before the disk filled up stay (complete); the one being written leaves nothing."""
     _disk_full_after(monkeypatch, "*_cbv.nii.gz")

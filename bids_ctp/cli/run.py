@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import BidsCtpError, DataError, InputMissingError, OutputError, UsageError
+from ..errors import BidsCtpError, InputMissingError, OutputError, UsageError
 from .parser import CLUSTER_PLUGINS, build_parser
 
 LOGGER = logging.getLogger("bids_ctp")
@@ -127,11 +127,11 @@ def _run(args) -> int:
             wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:
         LOGGER.debug("workflow failure: %s", err)
-        data_errors = _data_errors(set(crash_dir.glob("crash-*")) - old_crashes)
-        if data_errors:
-            for message in data_errors:
+        node_errors = _node_errors(set(crash_dir.glob("crash-*")) - old_crashes)
+        if node_errors:
+            for _, message in node_errors:
                 print(f"bids_ctp: error: {message}", file=sys.stderr)
-            return DataError.exit_code
+            return max(code for code, _ in node_errors)
         print(f"bids_ctp: error: processing failed; see the crash files in {crash_dir} "
               "(open them with: nipypecli crash <file>)", file=sys.stderr)
         return 1
@@ -197,21 +197,30 @@ def _user_name() -> str:
         return f"uid{os.getuid()}"
 
 
-def _data_errors(crash_files) -> list[str]:
-    """Messages of the data errors raised inside workflow nodes (read from nipype crash files)."""
+def _node_errors(crash_files) -> list[tuple[int, str]]:
+    """(exit code, message) of our errors raised inside workflow nodes, from nipype crash files.
+
+    Only bids_ctp's own error classes count (data, output, ...); anything else is a bug and
+    gets the generic message pointing at the crash files.
+    """
     from nipype.utils.filemanip import loadcrash
 
-    messages = []
+    from .. import errors
+
+    codes = {f"{errors.__name__}.{cls.__name__}: ": cls.exit_code
+             for cls in vars(errors).values()
+             if isinstance(cls, type) and issubclass(cls, errors.BidsCtpError)}
+    found = []
     for crash in sorted(crash_files):
         try:
             lines = "".join(loadcrash(str(crash))["traceback"]).strip().splitlines()
         except Exception:  # an unreadable crash file: fall back to the generic message
             continue
-        marker = f"{DataError.__module__}.{DataError.__name__}: "
-        found = [line.split(marker, 1)[1] for line in lines if marker in line]
-        if found:
-            messages.append(found[-1])
-    return messages
+        hits = [(code, line.split(marker, 1)[1]) for line in lines
+                for marker, code in codes.items() if marker in line]
+        if hits:
+            found.append(hits[-1])
+    return found
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,11 @@
 """Write one CTP series' results as BIDS-Derivatives (gzip NIfTI + JSON sidecars, atomically)."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import nibabel as nb
 import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
@@ -55,6 +60,24 @@ class WriteDerivatives(SimpleInterface):
     output_spec = _WriterOutput
 
     def _run_interface(self, runtime):
+        # Everything is written into a hidden staging folder first and moved into place only
+        # when all files are complete, so a failure (e.g. disk full) leaves no partial set.
+        staging = Path(tempfile.mkdtemp(prefix=".bids_ctp-staging-", dir=self.inputs.output_dir))
+        try:
+            self._write_all(staging)
+            final = []
+            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                target = Path(self.inputs.output_dir) / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                final.append(str(target))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._results["out_files"] = final
+        return runtime
+
+    def _write_all(self, root: Path) -> None:
+        """Write every output under ``root`` (BIDS-Derivatives layout)."""
         inp = self.inputs
         ctp = CTPInput(**inp.ctp_input)
         source = f"bids:raw:{ctp.relpath}"
@@ -82,17 +105,15 @@ class WriteDerivatives(SimpleInterface):
             flags.append(f"motion: framewise displacement up to {fd.max():.2f} mm "
                          f"(threshold {motion.MOTION_FD_THRESHOLD_MM} mm)")
         common["QualityFlags"] = flags
-        out = []
 
         def save(src, suffix, desc, sidecar, dtype=np.float32):
-            path = derivatives.output_path(inp.output_dir, ctp, suffix, desc)
+            path = derivatives.output_path(root, ctp, suffix, desc)
             img = nb.load(src)
             data = np.asarray(img.dataobj, dtype=dtype)
             new = nb.Nifti1Image(data, img.affine, img.header)
             new.header.set_data_dtype(dtype)
             derivatives.save_nifti(new, path)
             derivatives.write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
-            out.append(str(path))
 
         for name in MAP_NAMES:
             save(getattr(inp, name), name, inp.method,
@@ -112,7 +133,7 @@ class WriteDerivatives(SimpleInterface):
             save(getattr(inp, f"{kind}_mask"), "mask", kind,
                  {"Type": "ROI", "Sources": [source],
                   "Description": f"voxels averaged into the {what}"}, np.uint8)
-            tsv = derivatives.output_path(inp.output_dir, ctp, kind, inp.method, ".tsv")
+            tsv = derivatives.output_path(root, ctp, kind, inp.method, ".tsv")
             rows = "".join("\t".join(f"{v:.4f}" for v in row) + "\n"
                            for row in zip(times, *columns.values()))
             derivatives.write_text(tsv, "\t".join(["time", *columns]) + "\n" + rows)
@@ -125,8 +146,7 @@ class WriteDerivatives(SimpleInterface):
                    if "measured" in columns else {}),
                 "Sources": [source], **info,
             })
-            out.append(str(tsv))
-        tsv = derivatives.output_path(inp.output_dir, ctp, "timeseries", "motion", ".tsv")
+        tsv = derivatives.output_path(root, ctp, "timeseries", "motion", ".tsv")
         names = (*motion.PARAMETER_NAMES, "framewise_displacement")
         rows = "".join("\t".join(f"{v:.6f}" for v in (*p, d)) + "\n"
                        for p, d in zip(inp.motion_parameters, fd))
@@ -141,6 +161,4 @@ class WriteDerivatives(SimpleInterface):
                 "Units": "mm"},
             "FDThreshold": motion.MOTION_FD_THRESHOLD_MM, "QualityFlags": flags,
             "Sources": [source]})
-        out.append(str(tsv))
-        self._results["out_files"] = out
-        return runtime
+
