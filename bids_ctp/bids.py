@@ -306,7 +306,8 @@ def _check_sidecars(bids_dir: Path) -> None:
 
 
 def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_interval=None,
-                   brain_mask=None, aif_mask=None, vof_mask=None) -> list[CTPInput]:
+                   brain_mask=None, aif_mask=None, vof_mask=None,
+                   failures: list | None = None) -> list[CTPInput]:
     """All selected CTP series of ``bids_dir``, validated (4D, frame timing, mask present), sorted by path.
 
     Raises InputMissingError (unknown labels, no CTP series, missing mask), DataError (unusable image or
@@ -372,13 +373,19 @@ def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_i
     inputs: list[CTPInput] = []
     by_name: dict[str, str] = {}
     for relpath, path, ents, bf in found:
-        n_frames = _n_frames(path)
         try:
-            metadata = dict(bf.get_metadata() or {})
-        except Exception as err:
-            raise DataError(f"{path}: cannot read the JSON sidecar: {_one_line(err)}") from err
-        times, source = resolve_frame_times(path, metadata, n_frames, frame_interval)
-        masks = {f"{kind}_mask": _mask_for(t, ents, path, kind) for kind, t in templates.items()}
+            n_frames = _n_frames(path)
+            try:
+                metadata = dict(bf.get_metadata() or {})
+            except Exception as err:
+                raise DataError(f"{path}: cannot read the JSON sidecar: {_one_line(err)}") from err
+            times, source = resolve_frame_times(path, metadata, n_frames, frame_interval)
+            masks = {f"{kind}_mask": _mask_for(t, ents, path, kind) for kind, t in templates.items()}
+        except (DataError, InputMissingError) as err:
+            if failures is None:
+                raise
+            failures.append(err)  # this series fails; the others go on
+            continue
         item = CTPInput(path=path, relpath=relpath, entities=ents, frame_times=times, timing_source=source,
                         metadata=metadata, **masks)
         if item.name in by_name:

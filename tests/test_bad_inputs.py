@@ -655,3 +655,10 @@ else:
         root = tmp_path_factory.mktemp("bytes") / "bids"
         content = gzip.compress(content, mtime=0) if compress else content
         assert _check_file(root, content, gz, index=which == 0) != "ok"
+
+
+def test_corrupt_user_mask(phantom, tmp_path, capsys):
+    mask = tmp_path / "mask.nii.gz"
+    mask.write_bytes(b"\x1f\x8b" + b"not a mask at all" * 10)
+    run_bad(phantom.root, tmp_path, capsys, "--brain-mask", str(mask), code=65,
+            words=["mask.nii.gz", "cannot read mask"])

@@ -120,10 +120,18 @@ def test_unknown_label(ds, tmp_path, capsys):
 def test_sidecar_without_timing(ds, tmp_path, capsys, fake_wf):
     make_ctp(ds, "sub-03/ct/sub-03_ctp.nii.gz", {"Manufacturer": "ACME"})
     out = tmp_path / "out"
-    assert main([str(ds), str(out), "participant"]) == 65
+    # alone, the series fails before anything is written
+    assert main([str(ds), str(out), "participant", "--participant-label", "03"]) == 65
     one_error_line(capsys, "sub-03_ctp.nii.gz", "FrameTimesStart", "--frame-interval")
-    assert not out.exists()  # validation happens before anything is written
+    assert not out.exists()
     assert fake_wf[0] == []
+    # with others, only it fails: they are processed, and the summary says so (exit 65)
+    assert main([str(ds), str(out), "participant"]) == 65
+    error, summary = capsys.readouterr().err.strip().splitlines()
+    assert "sub-03_ctp.nii.gz" in error and "FrameTimesStart" in error
+    assert summary.startswith("bids_ctp: 2 of 3 CTP series done") and "1 failed" in summary
+    assert {i.name for i in fake_wf[0][0]["inputs"]} == {"sub-01_ses-01", "sub-02"}
+    fake_wf[0].clear()
     # the same series works once the user gives the interval; the sidecar still wins elsewhere
     assert main([str(ds), str(out), "participant", "--frame-interval", "0.5"]) == 0
     sources = {i.name: i.timing_source for i in fake_wf[0][0]["inputs"]}

@@ -226,3 +226,19 @@ def test_clean_scan_has_no_flags(run):
         assert flags == []
     else:  # too few slices to register: said so, nothing else
         assert len(flags) == 1 and flags[0].startswith("motion correction skipped")
+
+
+def test_a_failing_participant_does_not_stop_the_others(tmp_path, capsys):
+    phantom = make_dataset(tmp_path / "bids", n_subjects=2, shape=(60, 60, 3),
+                           spacing=(4.0, 4.0, 5.0), n_frames=20, noise_hu=5.0)
+    broken = phantom.images[1].ctp  # sub-02: a constant series (no bolus), found in the workflow
+    img = nb.load(broken)
+    frozen = np.repeat(np.asarray(img.dataobj)[..., :1], 20, axis=3)
+    nb.save(nb.Nifti1Image(frozen, img.affine, img.header), broken)
+    out = tmp_path / "out"
+    assert main([str(phantom.root), str(out), "participant", "-w", str(tmp_path / "w")]) == 65
+    error, summary = capsys.readouterr().err.strip().splitlines()
+    assert broken.name in error and "no contrast bolus" in error
+    assert summary.startswith("bids_ctp: 1 of 2 CTP series done")
+    assert len(list(out.glob("sub-01/perf/*_desc-nlr_*.nii.gz"))) == 5
+    assert not list(out.glob("sub-02/perf/*"))

@@ -99,11 +99,16 @@ def _run(args) -> int:
     from ..bids import collect_inputs
     from ..derivatives import write_dataset_description
 
-    # All validation happens here, before anything is written.
+    # All validation happens here, before anything is written. A series that fails its checks
+    # is reported at the end; the others are processed.
+    failures = []
     inputs = collect_inputs(bids_dir, participant_label=args.participant_label,
                             session_label=args.session_label, frame_interval=args.frame_interval,
                             brain_mask=args.brain_mask, aif_mask=args.aif_mask,
-                            vof_mask=args.vof_mask)
+                            vof_mask=args.vof_mask, failures=failures)
+    errors = [(err.exit_code, str(err)) for err in failures]
+    if not inputs:
+        return _report(errors, 0, len(failures), output_dir)
     LOGGER.info("%d CTP series selected: %s", len(inputs), ", ".join(i.name for i in inputs))
 
     _make_dir("output directory", output_dir)
@@ -129,14 +134,28 @@ def _run(args) -> int:
         LOGGER.debug("workflow failure: %s", err)
         node_errors = _node_errors(set(crash_dir.glob("crash-*")) - old_crashes)
         if node_errors:
-            for _, message in node_errors:
-                print(f"bids_ctp: error: {message}", file=sys.stderr)
-            return max(code for code, _ in node_errors)
-        print(f"bids_ctp: error: processing failed; see the crash files in {crash_dir} "
-              "(open them with: nipypecli crash <file>)", file=sys.stderr)
-        return 1
-    print(f"bids_ctp: derivatives of {len(inputs)} CTP series are in {output_dir}")
-    return 0
+            n_done = max(0, len(inputs) - len(node_errors))
+        else:  # not one of our errors: a bug; which series finished is unknown
+            node_errors = [(1, f"processing failed; see the crash files in {crash_dir} "
+                               "(open them with: nipypecli crash <file>)")]
+            n_done = 0
+        errors += node_errors
+    else:
+        n_done = len(inputs)
+    return _report(errors, n_done, len(inputs) + len(failures), output_dir)
+
+
+def _report(errors, n_done: int, n_total: int, output_dir: Path) -> int:
+    """One line per failed series, a summary when some succeeded; the exit code."""
+    for _, message in errors:
+        print(f"bids_ctp: error: {message}", file=sys.stderr)
+    if not errors:
+        print(f"bids_ctp: derivatives of {n_done} CTP series are in {output_dir}")
+        return 0
+    if n_done:
+        print(f"bids_ctp: {n_done} of {n_total} CTP series done (derivatives in {output_dir}); "
+              f"{n_total - n_done} failed, listed above", file=sys.stderr)
+    return max(code for code, _ in errors)
 
 
 def _execution(args, n_series: int):

@@ -321,11 +321,18 @@ def _vessel_info(vessel) -> dict:
 def _user_mask(mask_file, reference) -> np.ndarray:
     """A user-supplied mask as booleans, or a DataError when it is not on the CTP grid."""
     ref = nb.load(reference)
-    user = nb.load(mask_file)
-    if user.shape[:3] != ref.shape[:3] or not np.allclose(user.affine, ref.affine, atol=1e-3):
+    try:
+        user = nb.load(mask_file)
+        user_shape, user_affine = user.shape, user.affine
+    except Exception as err:  # not a NIfTI, truncated, ...: say so, never a traceback
+        raise DataError(f"{os.path.basename(mask_file)}: cannot read mask ({' '.join(str(err).split())})") from err
+    if user_shape[:3] != ref.shape[:3] or not np.allclose(user_affine, ref.affine, atol=1e-3):
         raise DataError(f"{os.path.basename(mask_file)}: mask is not on the CTP grid "
-                        f"(shape {user.shape}, expected {ref.shape[:3]})")
-    return np.asarray(user.dataobj).reshape(ref.shape[:3]) > 0
+                        f"(shape {user_shape}, expected {ref.shape[:3]})")
+    try:
+        return np.asarray(user.dataobj).reshape(ref.shape[:3]) > 0
+    except Exception as err:
+        raise DataError(f"{os.path.basename(mask_file)}: cannot read mask ({' '.join(str(err).split())})") from err
 
 
 class _DeconvInput(_EnhancementInput):
