@@ -68,7 +68,7 @@ def one_error_line(capsys, *words):
 def test_defaults_and_spellings(tmp_path):
     args = build_parser().parse_args(["in", "out", "participant"])
     assert args.deconvolution == "nlr" and args.density == 1.05 and args.kh == 0.73 and args.nprocs >= 1
-    assert args.work_dir.name == "bids_ctp_work" and args.verbose == 0 and args.frame_interval is None
+    assert args.work_dir.name == f"bids_ctp_work-{os.getuid()}" and args.verbose == 0 and args.frame_interval is None
     args = build_parser().parse_args(["in", "out", "participant", "--participant_label", "01", "sub-02",
                                       "--session_label", "01", "-w", str(tmp_path), "--nprocs", "3", "-vv",
                                       "--frame_interval", "1.5", "--deconvolution", "ssvd"])

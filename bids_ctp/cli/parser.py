@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("execution")
     run.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path,
-                     default=Path(tempfile.gettempdir()) / "bids_ctp_work", metavar="PATH",
+                     default=Path(tempfile.gettempdir()) / f"bids_ctp_work-{os.getuid()}", metavar="PATH",
                      help="folder for intermediate files (nipype working directory; outside bids_dir); keep it to resume a run "
-                          "(default: %(default)s)")
+                          "(default: %(default)s, one per user so a shared /tmp works)")
     run.add_argument("--nprocs", "--n-procs", "--n_procs", dest="nprocs", type=_positive_int,
                      default=_default_nprocs(), metavar="N",
                      help="number of processes to run in parallel, >= 1 (default: the CPUs available, "

@@ -144,7 +144,7 @@ class WriteDerivatives(SimpleInterface):
                                 "(the AIF after VOF scaling)", "Units": "HU"},
                 **({"measured": {"Description": "AIF before VOF scaling", "Units": "HU"}}
                    if "measured" in columns else {}),
-                "Sources": [source], **info,
+                "Sources": [source], **info, "QualityFlags": flags,
             })
         tsv = derivatives.output_path(root, ctp, "timeseries", "motion", ".tsv")
         names = (*motion.PARAMETER_NAMES, "framewise_displacement")
