@@ -20,6 +20,7 @@ TARGET_NOISE_HU = 1.5  # residual per-frame noise the smoothing aims for
 SIGMA_RANGE_MM = (1.0, 3.0)  # spatial Gaussian sigma bounds; neighbourhood truncated at 2 sigma
 RANGE_SIGMA_IN_NOISE_UNITS = 2.5  # range sigma = this x noise of the time-averaged guide
 SOFT_TISSUE_HU = (-50.0, 150.0)  # voxels used to estimate the noise
+GUIDE_DENOISE_GAIN = 2.0  # the denoised guide's noise is at least this much lower
 AIR_HU = -500.0  # time-averaged voxels below this are air, left unsmoothed
 
 
@@ -78,6 +79,12 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
         sigma_mm = smoothing_sigma(noise_sd, spacing)
     guide = data.mean(axis=-1)
     range_sigma = max(RANGE_SIGMA_IN_NOISE_UNITS * noise_sd / np.sqrt(data.shape[-1]), 1e-3)
+    if data.shape[-1] > 1:
+        # Denoise the guide itself (a 3D self-guided pass, cheap): at 25 HU noise its own
+        # noise made the range sigma as large as the grey/white matter contrast.
+        guide = cross_bilateral(guide[..., None], spacing, sigma_mm,
+                                noise_sd / np.sqrt(data.shape[-1]), n_threads)[..., 0]
+        range_sigma /= GUIDE_DENOISE_GAIN
     offsets, spatial_w = neighbourhood(spacing, sigma_mm)
     # Air around the head needs no smoothing: work inside the head's bounding box only.
     out = data.copy()
