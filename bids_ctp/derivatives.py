@@ -97,6 +97,15 @@ def save_nifti(img, path) -> Path:
     return atomic_write(path, lambda tmp: img.to_filename(str(tmp)))
 
 
+def _generated_by() -> dict:
+    """This program, and the container it runs in when the image says so (Dockerfile ENV)."""
+    entry = {"Name": "bids_ctp", "Version": __version__, "CodeURL": CODE_URL}
+    kind, tag = os.environ.get("BIDS_CTP_CONTAINER_TYPE"), os.environ.get("BIDS_CTP_CONTAINER_TAG")
+    if kind and tag:
+        entry["Container"] = {"Type": kind, "Tag": tag}
+    return entry
+
+
 def write_dataset_description(output_dir, bids_dir) -> Path:
     """Write ``dataset_description.json`` and ``.bidsignore`` at the derivatives root (idempotent)."""
     output_dir = Path(output_dir)
@@ -105,7 +114,7 @@ def write_dataset_description(output_dir, bids_dir) -> Path:
         "Name": "bids_ctp derivatives",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "bids_ctp", "Version": __version__, "CodeURL": CODE_URL}],
+        "GeneratedBy": [_generated_by()],
         "SourceDatasets": [{"URL": raw_uri}],
         "DatasetLinks": {"raw": raw_uri},
     }

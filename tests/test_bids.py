@@ -294,3 +294,16 @@ def test_atomic_writes_leave_no_temp_files(tmp_path):
         os.chmod(tmp_path / "ro", 0o700)
     assert sorted(os.listdir(target.parent)) == [
         "plain.nii", "sub-01_desc-csvd_cbf.json", "sub-01_desc-csvd_cbf.nii.gz"]
+
+
+def test_dataset_description_names_the_container(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIDS_CTP_CONTAINER_TYPE", "docker")
+    monkeypatch.setenv("BIDS_CTP_CONTAINER_TAG", "bids/ctp:0.1.0")
+    (tmp_path / "raw").mkdir()
+    write_dataset_description(tmp_path / "out", tmp_path / "raw")
+    generated = json.loads((tmp_path / "out" / "dataset_description.json").read_text())["GeneratedBy"]
+    assert generated[0]["Container"] == {"Type": "docker", "Tag": "bids/ctp:0.1.0"}
+    monkeypatch.delenv("BIDS_CTP_CONTAINER_TYPE")
+    write_dataset_description(tmp_path / "out2", tmp_path / "raw")
+    generated = json.loads((tmp_path / "out2" / "dataset_description.json").read_text())["GeneratedBy"]
+    assert "Container" not in generated[0]
