@@ -314,7 +314,7 @@ class SelectVessels(SimpleInterface):
 def _vessel_info(vessel) -> dict:
     return {"PeakEnhancement": vessel.peak_hu, "TimeToPeak": vessel.ttp_s,
             "NumberOfVoxels": int(len(vessel.voxels)), "GammaVariateFit": vessel.fit,
-            "QualityScore": vessel.fit["r2"],
+            "QualityScore": vessel.fit["r2"], "BolusShapeScore": vessel.shape_score,
             "FirstPassArea": aif_stage.gamma_variate_area(vessel.fit)}
 
 
@@ -338,6 +338,10 @@ def _user_mask(mask_file, reference) -> np.ndarray:
 class _DeconvInput(_EnhancementInput):
     aif = traits.List(traits.Float, mandatory=True)
     method = traits.Enum(*deconvolution.METHODS, usedefault=True)
+    motion_parameters = traits.List(traits.List(traits.Float),
+                                    desc="per frame rigid motion (rad, mm); fitted as a residual "
+                                         "artefact regressor by nlr")
+    baseline_frames = traits.Int(desc="leading frames forming the baseline")
 
 
 class _DeconvOutput(TraitedSpec):
@@ -359,8 +363,12 @@ class Deconvolve(SimpleInterface):
         aif = np.asarray(self.inputs.aif, float)
         shape = "none (model-free)"
         if self.inputs.method == "nlr":
-            shape, _ = deconvolution.select_residue_shape(tissue, times, times, aif)
-            flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape)
+            regressor = _motion_regressor(self.inputs, brain)
+            nuisance, clean = regressor if regressor else (None, slice(None))
+            # the residue family is chosen on curves free of motion artefacts
+            shape, _ = deconvolution.select_residue_shape(tissue[clean], times, times, aif)
+            flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape,
+                                                      nuisance=nuisance)
             area = flow * mtt
         else:  # SVD needs uniform sampling: resample AIF and tissue to the shortest interval
             grid = curves.uniform_grid(times)
@@ -414,6 +422,16 @@ def _fill(brain: np.ndarray, values: np.ndarray) -> np.ndarray:
     out = np.zeros(brain.shape, dtype=np.float32)
     out[brain] = values
     return out
+
+
+def _motion_regressor(inputs, brain):
+    """``motion.residual_motion_regressor`` of this series, or None (no motion input or a
+    still head)."""
+    if not isdefined(inputs.motion_parameters) or not np.any(inputs.motion_parameters):
+        return None
+    return motion.residual_motion_regressor(
+        inputs.motion_parameters, images.load(inputs.baseline), images.spacing(inputs.in_file),
+        brain, inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1)
 
 
 def _enhancement(inputs):

@@ -10,7 +10,7 @@ partial-volumed artery, but it peaks seconds later, so only clusters whose time 
 with a gamma variate over its first pass; R² of that fit is the quality score.
 
 Venous output function (VOF): the largest cluster peaking later than the arteries (the superior
-sagittal sinus), its voxels with the largest area. All contrast that enters the brain leaves
+sagittal sinus), its voxels with the largest first-pass area. All contrast that enters the brain leaves
 through the veins, so the VOF's first-pass area equals the true AIF's; a partial-volumed AIF
 has less, and is scaled up to the VOF's area (``vof_scale_factor``).
 """
@@ -24,7 +24,7 @@ from scipy.optimize import curve_fit
 from scipy.special import gammaln
 
 from bids_ctp.errors import DataError
-from bids_ctp.perfusion.curves import area_under_curve, time_to_peak
+from bids_ctp.perfusion.curves import time_to_peak
 
 CANDIDATE_FRACTION = 0.3  # of the 99.9th percentile of peak enhancement in the brain
 MIN_CLUSTER_MM3 = 2.0  # smaller bright clusters are noise or tiny vessels
@@ -36,6 +36,12 @@ RETURN_FRACTION = 0.5  # vessel curves end below this fraction of their peak
 MAX_VOF_SCALE = 3.0
 MIN_AIF_PEAK_HU = 100.0  # weaker arterial enhancement makes every map noisy  # larger AIF corrections are implausible: something else went wrong
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
+# Bolus shape: cosine similarity of a curve with its best-matching gamma variate (alpha 3, a grid
+# of arrival times and widths). Vessel curves score >= 0.97 on the phantom, with or without head
+# motion; bone or CSF edges that motion turns into bright "curves" (drifts and steps) score a
+# median 0.85. Clusters whose median is below this are not vessels.
+MIN_BOLUS_SHAPE = 0.95
+SHAPE_WIDTHS_S = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # gamma-variate beta (s); alpha = 3
 
 
 @dataclass
@@ -45,6 +51,7 @@ class VesselCurve:
     peak_hu: float
     ttp_s: float
     fit: dict  # gamma-variate parameters (amplitude HU, t0 s, alpha, beta s) and r2
+    shape_score: float  # bolus_shape cosine of the whole curve (1 = a gamma variate)
 
 
 def gamma_variate(t, amplitude, t0, alpha, beta):
@@ -91,20 +98,49 @@ def gamma_variate_area(fit: dict) -> float:
     return float(fit["amplitude_hu"] * b * np.exp(a + gammaln(a + 1) - a * np.log(a)))
 
 
+def bolus_shape(times, curves) -> tuple[np.ndarray, np.ndarray]:
+    """How much each curve looks like a bolus passage, and its first-pass area.
+
+    Every curve is compared with a grid of gamma variates (alpha 3, arrival times every 0.5 s,
+    widths ``SHAPE_WIDTHS_S``): returns the best cosine similarity (1 = a gamma variate) and
+    the area (HU·s) of the best-matching gamma variate scaled to the curve (least squares), a
+    first-pass area that a step or drift added by head motion hardly changes.
+    """
+    times = np.asarray(times, float)
+    curves = np.atleast_2d(np.asarray(curves, float))
+    onsets = np.arange(times[0] - 5.0, times[-1], 0.5)
+    templates = np.array([gamma_variate(times, 1.0, t0, 3.0, b)
+                          for t0 in onsets for b in SHAPE_WIDTHS_S])
+    norms = np.linalg.norm(templates, axis=1)
+    keep = norms > 0
+    templates, norms = templates[keep], norms[keep]
+    proj = curves @ (templates / norms[:, None]).T
+    best = np.argmax(proj, axis=1)
+    rows = np.arange(len(curves))
+    cosine = proj[rows, best] / np.maximum(np.linalg.norm(curves, axis=1), 1e-12)
+    widths = np.tile(SHAPE_WIDTHS_S, len(onsets))[keep][best]
+    unit_area = gamma_variate_area({"amplitude_hu": 1.0, "alpha": 3.0, "beta_s": 1.0}) * widths
+    return cosine, np.maximum(proj[rows, best], 0.0) / norms[best] * unit_area
+
+
 def _vessel_clusters(enhancement, voxels, shape, times, spacing, source):
-    """Bright voxels grouped into connected vessel-sized clusters.
+    """Bright, bolus-shaped voxels grouped into connected vessel-sized clusters.
 
     Returns candidate indices, each candidate's cluster label, each cluster's median time to
-    peak (inf for clusters too small to be a vessel) and each candidate's peak enhancement.
+    peak (inf for clusters too small to be a vessel or not bolus-shaped), each candidate's
+    peak enhancement and first-pass area (``bolus_shape``).
     """
     peak = enhancement.max(axis=1)
-    threshold = CANDIDATE_FRACTION * np.percentile(peak, 99.9)
     # A bolus passes: by the last frames a vessel is well below its peak, whereas a step
     # (bone sliding into the voxel after head motion) stays up. When no bright voxel has come
     # back down, the scan is too short to tell (truncated bolus) and every bright voxel stays.
-    bright = peak >= threshold
+    # The brightness threshold comes from the voxels that came back down, so that hundreds
+    # of HU of bone at the brain's edge after head motion do not raise it above the arteries.
     tail = enhancement[:, -max(1, enhancement.shape[1] // 10):].mean(axis=1)
     returned = tail < RETURN_FRACTION * peak
+    threshold = CANDIDATE_FRACTION * np.percentile(peak[returned] if returned.any() else peak,
+                                                   99.9)
+    bright = peak >= threshold
     candidates = np.flatnonzero(bright & returned if (bright & returned).any() else bright)
     if threshold <= 0 or candidates.size == 0:
         raise DataError(f"{source}: no arterial input candidate (no voxel enhances)")
@@ -115,13 +151,16 @@ def _vessel_clusters(enhancement, voxels, shape, times, spacing, source):
     ttp = time_to_peak(times, enhancement[candidates])
     min_voxels = max(1, int(np.ceil(MIN_CLUSTER_MM3 / float(np.prod(spacing)))))
     sizes = np.bincount(cluster_of, minlength=n_clusters + 1)
+    cosine, first_pass = bolus_shape(times, enhancement[candidates])
+    labels_ok = [label for label in np.flatnonzero(sizes >= min_voxels) if label]
+    shaped = [label for label in labels_ok
+              if np.median(cosine[cluster_of == label]) >= MIN_BOLUS_SHAPE]
     cluster_ttp = np.full(n_clusters + 1, np.inf)
-    for label in np.flatnonzero(sizes >= min_voxels):
-        if label:
-            cluster_ttp[label] = np.median(ttp[cluster_of == label])
+    for label in shaped or labels_ok:  # none bolus-shaped: keep them all, the fit will flag it
+        cluster_ttp[label] = np.median(ttp[cluster_of == label])
     if not np.isfinite(cluster_ttp).any():
         raise DataError(f"{source}: no arterial input candidate (no vessel-sized cluster)")
-    return candidates, cluster_of, cluster_ttp, peak[candidates]
+    return candidates, cluster_of, cluster_ttp, peak[candidates], first_pass
 
 
 def vessel_curve(enhancement, voxels, chosen, times) -> VesselCurve:
@@ -131,7 +170,8 @@ def vessel_curve(enhancement, voxels, chosen, times) -> VesselCurve:
     return VesselCurve(curve=curve.astype(np.float32), voxels=voxels[chosen],
                        peak_hu=float(curve.max()),
                        ttp_s=float(time_to_peak(times, curve[None])[0]),
-                       fit=fit_gamma_variate(times, curve))
+                       fit=fit_gamma_variate(times, curve),
+                       shape_score=float(bolus_shape(times, curve[None])[0][0]))
 
 
 def _strongest(indices, strength):
@@ -149,7 +189,7 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     ``voxels`` (n, 3) of a volume of ``shape``; ``spacing`` in mm.
     """
     times = np.asarray(times, float)
-    candidates, cluster_of, cluster_ttp, peak = _vessel_clusters(
+    candidates, cluster_of, cluster_ttp, peak, _ = _vessel_clusters(
         enhancement, voxels, shape, times, spacing, source)
     early = np.isin(cluster_of, np.flatnonzero(cluster_ttp <= cluster_ttp.min() + EARLY_WINDOW_S))
     return vessel_curve(enhancement, voxels, _strongest(candidates[early], peak[early]), times)
@@ -157,14 +197,14 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
 
 def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
                source: str = "image") -> VesselCurve | None:
-    """Pick the venous output function: the largest-area voxels of the largest late cluster.
+    """Pick the venous output function: the largest first-pass voxels of the largest late cluster.
 
     Late = peaking more than EARLY_WINDOW_S after the earliest (arterial) cluster. A venous
     sinus is wide, so its centre is free of partial volume; its curve area is the reference
     for the AIF's. Returns None when no late cluster exists.
     """
     times = np.asarray(times, float)
-    candidates, cluster_of, cluster_ttp, _ = _vessel_clusters(
+    candidates, cluster_of, cluster_ttp, _, first_pass = _vessel_clusters(
         enhancement, voxels, shape, times, spacing, source)
     late_labels = np.flatnonzero(np.isfinite(cluster_ttp)
                                  & (cluster_ttp > cluster_ttp.min() + EARLY_WINDOW_S))
@@ -172,9 +212,11 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
         return None
     sizes = np.bincount(cluster_of, minlength=len(cluster_ttp))
     largest = late_labels[np.argmax(sizes[late_labels])]
-    members = candidates[cluster_of == largest]
-    area = area_under_curve(times, enhancement[members])
-    return vessel_curve(enhancement, voxels, _strongest(members, area), times)
+    in_cluster = cluster_of == largest
+    # ranked by first-pass area: a plain integral would favour voxels at the sinus' bony edge,
+    # where head motion adds a plateau
+    return vessel_curve(enhancement, voxels,
+                        _strongest(candidates[in_cluster], first_pass[in_cluster]), times)
 
 
 def vessel_problems(aif: VesselCurve, vof: VesselCurve | None) -> list[str]:
@@ -185,8 +227,15 @@ def vessel_problems(aif: VesselCurve, vof: VesselCurve | None) -> list[str]:
     if aif.peak_hu < MIN_AIF_PEAK_HU:
         problems.append(f"AIF: low arterial signal (peak {aif.peak_hu:.0f} HU < "
                         f"{MIN_AIF_PEAK_HU:.0f} HU)")
+    if aif.shape_score < MIN_BOLUS_SHAPE:
+        problems.append(f"AIF: curve not bolus-shaped (score {aif.shape_score:.2f} < "
+                        f"{MIN_BOLUS_SHAPE}); head motion or a wrong vessel?")
     if vof is None:
         problems.append("VOF: none found; the AIF is not corrected for partial volume")
+    elif vof.shape_score < MIN_BOLUS_SHAPE:
+        problems.append(f"VOF: curve not bolus-shaped (score {vof.shape_score:.2f} < "
+                        f"{MIN_BOLUS_SHAPE}; bone at the sinus edge after head motion?); "
+                        "not used")
     elif vof.fit["r2"] < MIN_FIT_R2:
         problems.append(f"VOF: gamma-variate fit R2 {vof.fit['r2']:.2f} < {MIN_FIT_R2}; "
                         "not used")
@@ -204,10 +253,13 @@ def vof_scale_factor(aif: VesselCurve, vof: VesselCurve | None) -> float:
     First-pass areas come from the gamma-variate fits, so recirculation and a venous tail cut
     off by the end of the scan do not bias the ratio. Never below 1: an artery can only lose
     signal to partial volume, so a smaller VOF means the VOF is the one partial-volumed. 1 when
-    either fit is poor (R² < MIN_FIT_R2), there is no VOF, or the factor exceeds MAX_VOF_SCALE
+    either fit is poor (R² < MIN_FIT_R2), the VOF is not bolus-shaped (``bolus_shape`` below
+    MIN_BOLUS_SHAPE: after head motion, bone at the sinus edge adds steps that inflate its
+    area), there is no VOF, or the factor exceeds MAX_VOF_SCALE
     (an artery keeping less than a third of its signal is not a usable AIF either way).
     """
-    if vof is None or min(aif.fit["r2"], vof.fit["r2"]) < MIN_FIT_R2:
+    if (vof is None or min(aif.fit["r2"], vof.fit["r2"]) < MIN_FIT_R2
+            or vof.shape_score < MIN_BOLUS_SHAPE):
         return 1.0
     factor = gamma_variate_area(vof.fit) / gamma_variate_area(aif.fit)
     return factor if 1.0 <= factor <= MAX_VOF_SCALE else 1.0

@@ -306,38 +306,65 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     family biases CBF by 25-150 %), while summed over thousands of tissue curves the best
     family stands out clearly (phantom: exponential and box identified at 1 and 2 s sampling
     with 1.5 HU residual noise). Vessel curves are left out so they do not dominate the sum.
+    Give it curves free of motion artefacts (``motion.residual_motion_regressor``): bone edges
+    that moved add large steps that outweigh the tissue signal.
     """
     tissue = np.asarray(tissue, dtype=np.float32)
-    tissue = tissue[tissue.max(axis=1) < VESSEL_FRACTION * float(np.max(aif))]
-    tissue = tissue[:: max(1, len(tissue) // SHAPE_SELECTION_VOXELS)]
+    keep = np.flatnonzero(tissue.max(axis=1) < VESSEL_FRACTION * float(np.max(aif)))
+    keep = keep[:: max(1, len(keep) // SHAPE_SELECTION_VOXELS)]
+    tissue = tissue[keep]
     scores = {}
     for shape in RESIDUE_SHAPES:
         basis, norm2 = _model_basis(times, aif_times, aif, delays, mtts, shape)
-        proj = tissue @ basis.T
-        scores[shape] = float(np.where(proj > 0, proj * proj / norm2, 0.0).max(axis=1).sum())
+        score, _ = _explained(tissue, basis, norm2)
+        scores[shape] = float(score.max(axis=1).sum())
     return max(scores, key=scores.get), scores
 
 
+def _explained(tissue, basis, norm2, nuisance=None):
+    """Per voxel and model curve: sum of squares the model explains, and its amplitude.
+
+    Without ``nuisance`` this is the projection on each model curve. With a nuisance regressor
+    per voxel (one row per voxel, same frames), the model and the regressor are fitted jointly
+    and the score is what the model explains beyond the regressor (the model curve and the
+    tissue curve are both orthogonalised against it). Negative amplitudes score 0.
+    """
+    proj = tissue @ basis.T  # (voxels, curves)
+    if nuisance is not None:
+        uu = np.einsum("ij,ij->i", nuisance, nuisance)
+        inv = np.where(uu > 0, 1.0 / np.maximum(uu, 1e-12), 0.0).astype(np.float32)[:, None]
+        cross = nuisance @ basis.T  # regressor · model curve
+        yu = np.einsum("ij,ij->i", tissue, nuisance)[:, None]
+        proj = proj - yu * inv * cross
+        norm2 = np.maximum(norm2 - cross * cross * inv, 1e-6 * norm2)
+    amplitude = proj / norm2
+    return np.where(amplitude > 0, proj * amplitude, 0.0), amplitude
+
+
 def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts=FIT_MTTS,
-              shape="exponential"):
+              shape="exponential", nuisance=None):
     """Least-squares fit of the delayed model (residue family ``shape``) to every tissue curve.
 
+    ``nuisance``: optional (voxels, frames) regressor fitted jointly, one per voxel (the
+    residual head-motion artefact, see ``motion.slice_displacement``).
     Returns ``flow`` (k_max, 1/s), ``delay`` (s; the Tmax, as every family's residue is
     largest at τ = 0) and ``mtt`` (s).
     """
     nd, nm = len(delays), len(mtts)
     basis, norm2 = _model_basis(times, aif_times, aif, delays, mtts, shape)
     tissue = np.asarray(tissue, dtype=np.float32)
+    if nuisance is not None:
+        nuisance = np.asarray(nuisance, dtype=np.float32)
     flow = np.empty(len(tissue), dtype=np.float32)
     delay = np.empty(len(tissue), dtype=np.float32)
     mtt = np.empty(len(tissue), dtype=np.float32)
     log_mtts = np.log(mtts)
     chunk_size = max(1, CHUNK_VOXELS // 8)
     for start in range(0, len(tissue), chunk_size):
-        proj = tissue[start : start + chunk_size] @ basis.T  # (voxels, bases)
-        amplitude = proj / norm2
-        # explained sum of squares; negative amplitudes are unphysical and excluded
-        score = np.where(amplitude > 0, proj * amplitude, 0.0).reshape(-1, nd, nm)
+        rows_nuisance = None if nuisance is None else nuisance[start : start + chunk_size]
+        score, amplitude = _explained(tissue[start : start + chunk_size], basis, norm2,
+                                      rows_nuisance)
+        score = score.reshape(-1, nd, nm)
         best = np.argmax(score.reshape(len(score), -1), axis=1)
         i, j = np.divmod(best, nm)
         rows = np.arange(len(score))

@@ -161,6 +161,54 @@ def motion_qc_flag(framewise_displacement_mm, threshold_mm: float = MOTION_FD_TH
     return bool(fd.size and np.nanmax(fd) > threshold_mm)
 
 
+# ---------------------------------------------------------------- residual artefact regressor
+def slice_displacement(parameters, shape, spacing, voxels) -> np.ndarray:
+    """Displacement (mm) of each voxel along the slice axis in every frame, (n_voxels, T) float32.
+
+    Resampling cannot undo motion across thick slices: a slice shifted by 1 mm along its 5 mm
+    thickness holds different tissue, and at a skull or CSF edge the difference is tens to
+    hundreds of HU, while tissue enhances by 5-30 HU. To first order that residual artefact is
+    proportional to the voxel's displacement along the slice axis (on the phantom, 99 % of the
+    variance of the artefact in grey matter after correction with the true motion), so the
+    perfusion fit takes this displacement as a per-voxel nuisance regressor. The slice axis is
+    the one with the largest spacing (k when all are equal).
+
+    ``parameters`` (T, 6) in the convention of this module; ``voxels`` (n, 3) voxel indices of
+    a volume of ``shape`` with ``spacing`` (mm).
+    """
+    spacing = np.asarray(spacing, float)
+    axis = 2 if np.ptp(spacing) < 0.01 * spacing.max() else int(np.argmax(spacing))
+    x = np.asarray(voxels, float) * spacing + np.asarray(_centred_origin(shape, spacing))
+    out = np.empty((len(x), len(parameters)), dtype=np.float32)
+    for t, p in enumerate(np.asarray(parameters, float)):
+        m = _affine(rigid_transform(p))
+        out[:, t] = x @ m[axis, :3] + m[axis, 3] - x[:, axis]
+    return out
+
+
+def residual_motion_regressor(parameters, baseline: np.ndarray, spacing, brain: np.ndarray,
+                              baseline_frames: int, min_artefact_hu: float = 2.0):
+    """Per-voxel nuisance regressor of the motion left after correction, or None.
+
+    The regressor is ``slice_displacement`` minus its baseline mean (as for the enhancement
+    curves), kept only where the artefact can matter: where the baseline image's gradient
+    (HU/mm) times the largest displacement exceeds ``min_artefact_hu``, i.e. near skull, CSF
+    and vessel edges. Elsewhere (deep tissue) it is 0, so the fit there keeps all its degrees
+    of freedom. Returns (regressor (n_brain, T) float32, clean (n_brain,) bool: voxels without
+    one), or None when no voxel qualifies (a still head).
+    """
+    voxels = np.argwhere(brain)
+    shift = slice_displacement(parameters, brain.shape, spacing, voxels)
+    reach = np.abs(shift).max(axis=1)
+    gradient = np.linalg.norm(np.gradient(np.asarray(baseline, np.float32), *spacing), axis=0)
+    clean = gradient[brain] * reach < min_artefact_hu
+    if clean.all():
+        return None
+    shift -= shift[:, : max(1, int(baseline_frames))].mean(axis=1, keepdims=True)
+    shift[clean] = 0.0
+    return shift, clean
+
+
 # ---------------------------------------------------------------- registration
 def _block_factors(spacing) -> tuple[int, int, int]:
     return tuple(max(1, int(round(REGISTRATION_VOXEL_MM / s))) if s < REGISTRATION_VOXEL_MM else 1 for s in spacing)

@@ -1,0 +1,75 @@
+"""Residual head-motion artefacts: bolus-shape test of vessel curves and the motion regressor of
+the model fit, against curves with known truth."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bids_ctp.perfusion import aif as af
+from bids_ctp.perfusion import deconvolution as dc
+from bids_ctp.perfusion import motion as mo
+from bids_ctp.phantom.model import arterial_input, tissue_enhancement
+
+TIMES = np.arange(0.0, 55.0, 1.0)
+
+
+def _step(at=24, height=120.0):
+    return np.where(TIMES >= at, height, 0.0)
+
+
+def test_bolus_shape_scores_vessels_high_and_motion_steps_low():
+    vessel = arterial_input(TIMES)
+    cosine, area = af.bolus_shape(TIMES, np.stack([vessel, 0.6 * vessel + _step(), _step()]))
+    assert cosine[0] > 0.97 and cosine[2] < 0.8 and cosine[1] < af.MIN_BOLUS_SHAPE
+    # first-pass area of the artery: within 15 % of its gamma-variate fit's
+    fit_area = af.gamma_variate_area(af.fit_gamma_variate(TIMES, vessel))
+    assert area[0] == pytest.approx(fit_area, rel=0.15)
+
+
+def _vessel(curve):
+    return af.vessel_curve(curve[None].astype(np.float32), np.zeros((1, 3), int), [0], TIMES)
+
+
+def test_a_vof_with_a_motion_step_is_not_used_for_scaling():
+    artery = _vessel(0.7 * arterial_input(TIMES))
+    clean_vof = _vessel(arterial_input(TIMES - 5.0))
+    assert af.vof_scale_factor(artery, clean_vof) == pytest.approx(1 / 0.7, rel=0.05)
+    stepped = _vessel(arterial_input(TIMES - 5.0) + _step())
+    assert af.vof_scale_factor(artery, stepped) == 1.0
+    assert any("not bolus-shaped" in p for p in af.vessel_problems(artery, stepped))
+
+
+def test_model_fit_with_motion_regressor_recovers_flow_and_mtt():
+    aif = arterial_input(TIMES)
+    cbv, mtt = 4.0, 4.0
+    tissue = tissue_enhancement(TIMES, 60.0 * cbv / mtt, cbv, 1.0, "exponential")
+    # a drift and a jerk, like head motion, seen by a voxel at a bone edge: 8 HU per mm
+    shift = 0.5 * TIMES / TIMES[-1] + np.where(TIMES >= 24, 1.2, 0.0)
+    moved = tissue + 8.0 * shift
+    truth_flow, truth_mtt, *_ = dc.fit_model(tissue[None], TIMES, TIMES, aif)
+    plain_flow, plain_mtt, *_ = dc.fit_model(moved[None], TIMES, TIMES, aif)
+    flow, delay, fit_mtt = dc.fit_model(moved[None], TIMES, TIMES, aif, nuisance=shift[None])
+    assert abs(plain_flow[0] * plain_mtt[0] / (truth_flow[0] * truth_mtt[0]) - 1) > 0.5
+    assert flow[0] == pytest.approx(truth_flow[0], rel=0.03)
+    assert fit_mtt[0] == pytest.approx(mtt, rel=0.05)
+    assert delay[0] == pytest.approx(1.0, abs=0.25)
+
+
+def test_slice_displacement_and_residual_regressor():
+    shape, spacing = (20, 20, 6), (1.0, 1.0, 5.0)
+    voxels = np.argwhere(np.ones(shape, bool))
+    params = np.zeros((4, 6))
+    params[2:, 5] = 1.5  # 1.5 mm along k from frame 2
+    shift = mo.slice_displacement(params, shape, spacing, voxels)
+    np.testing.assert_allclose(shift[:, :2], 0.0, atol=1e-6)
+    np.testing.assert_allclose(shift[:, 2:], 1.5, atol=1e-5)
+    # the regressor exists only near edges of the baseline image
+    baseline = np.zeros(shape, np.float32)
+    baseline[:, :, 3:] = 1000.0  # bone above slice 3
+    brain = np.ones(shape, bool)
+    regressor, clean = mo.residual_motion_regressor(params, baseline, spacing, brain, 2)
+    near = (voxels[:, 2] == 2) | (voxels[:, 2] == 3)
+    assert not clean[near].any() and clean[~near].all()
+    np.testing.assert_allclose(regressor[near][:, 2:], 1.5, atol=1e-5)
+    assert not regressor[clean].any()
+    assert mo.residual_motion_regressor(np.zeros((4, 6)), baseline, spacing, brain, 2) is None
