@@ -310,9 +310,8 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     that moved add large steps that outweigh the tissue signal.
     """
     tissue = np.asarray(tissue, dtype=np.float32)
-    keep = np.flatnonzero(tissue.max(axis=1) < VESSEL_FRACTION * float(np.max(aif)))
-    keep = keep[:: max(1, len(keep) // SHAPE_SELECTION_VOXELS)]
-    tissue = tissue[keep]
+    tissue = tissue[tissue.max(axis=1) < VESSEL_FRACTION * float(np.max(aif))]
+    tissue = tissue[:: max(1, len(tissue) // SHAPE_SELECTION_VOXELS)]
     scores = {}
     for shape in RESIDUE_SHAPES:
         basis, norm2 = _model_basis(times, aif_times, aif, delays, mtts, shape)
