@@ -363,10 +363,9 @@ class Deconvolve(SimpleInterface):
         aif = np.asarray(self.inputs.aif, float)
         shape = "none (model-free)"
         if self.inputs.method == "nlr":
-            regressor = _motion_regressor(self.inputs, brain)
-            nuisance, clean = regressor if regressor else (None, slice(None))
-            # the residue family is chosen on curves free of motion artefacts
-            shape, _ = deconvolution.select_residue_shape(tissue[clean], times, times, aif)
+            nuisance = _motion_regressor(self.inputs, brain)
+            shape, _ = deconvolution.select_residue_shape(tissue, times, times, aif,
+                                                          nuisance=nuisance)
             flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape,
                                                       nuisance=nuisance)
             area = flow * mtt

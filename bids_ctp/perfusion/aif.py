@@ -24,7 +24,7 @@ from scipy.optimize import curve_fit
 from scipy.special import gammaln
 
 from bids_ctp.errors import DataError
-from bids_ctp.perfusion.curves import time_to_peak
+from bids_ctp.perfusion.curves import RETURN_FRACTION, time_to_peak
 
 CANDIDATE_FRACTION = 0.3  # of the 99.9th percentile of peak enhancement in the brain
 MIN_CLUSTER_MM3 = 2.0  # smaller bright clusters are noise or tiny vessels
@@ -32,9 +32,13 @@ EARLY_WINDOW_S = 2.0  # clusters peaking later than the earliest one + this are 
 CENTRE_FRACTION = 0.8  # keep voxels reaching this fraction of the best early voxel's peak
 MAX_AIF_VOXELS = 40
 FIRST_PASS_END = 0.6  # fraction of the peak where the fitted first pass ends
-RETURN_FRACTION = 0.5  # vessel curves end below this fraction of their peak
-MAX_VOF_SCALE = 3.0
-MIN_AIF_PEAK_HU = 100.0  # weaker arterial enhancement makes every map noisy  # larger AIF corrections are implausible: something else went wrong
+MAX_VOF_SCALE = 3.0  # larger AIF corrections are implausible: something else went wrong
+MIN_AIF_PEAK_HU = 100.0  # weaker arterial enhancement makes every map noisy
+# VOF voxels end the scan at the sinus' common level (recirculation, as a fraction of their
+# peak) within this much; bone sliding in or out after head motion shifts a voxel's tail away
+# from it (phantom, 2 mm motion: the 40 largest-area sinus voxels had tails of 5-35 % of
+# their peak against 3 % in truth, and gave a VOF scale of 1.49 instead of 1.0).
+VOF_TAIL_TOLERANCE = 0.05
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 # Bolus shape: cosine similarity of a curve with its best-matching gamma variate (alpha 3, a grid
 # of arrival times and widths). Vessel curves score >= 0.97 on the phantom, with or without head
@@ -212,11 +216,14 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
         return None
     sizes = np.bincount(cluster_of, minlength=len(cluster_ttp))
     largest = late_labels[np.argmax(sizes[late_labels])]
-    in_cluster = cluster_of == largest
-    # ranked by first-pass area: a plain integral would favour voxels at the sinus' bony edge,
-    # where head motion adds a plateau
-    return vessel_curve(enhancement, voxels,
-                        _strongest(candidates[in_cluster], first_pass[in_cluster]), times)
+    members = candidates[cluster_of == largest]
+    area = first_pass[cluster_of == largest]
+    # ranked by first-pass area (a plain integral would favour voxels at the sinus' bony edge,
+    # where head motion adds a plateau), among voxels whose tail matches the sinus'
+    curves = enhancement[members]
+    tail = curves[:, -max(1, curves.shape[1] // 10):].mean(axis=1) / curves.max(axis=1)
+    common = np.abs(tail - np.median(tail)) <= VOF_TAIL_TOLERANCE
+    return vessel_curve(enhancement, voxels, _strongest(members[common], area[common]), times)
 
 
 def vessel_problems(aif: VesselCurve, vof: VesselCurve | None) -> list[str]:

@@ -18,7 +18,12 @@ ARRIVAL_FRACTION = 0.10
 ARTERIAL_REFERENCE_FRACTION = 0.005
 MIN_BASELINE_FRAMES = 2
 BASELINE_MARGIN_S = 2.0  # frames this close before arrival are left out of the baseline
+RETURN_FRACTION = 0.5  # vessel curves end below this fraction of their peak
 MIN_BOLUS_HU = 20.0  # arterial reference enhancing less than this: no usable bolus
+
+
+def _strongest(values: np.ndarray, n: int) -> np.ndarray:
+    return np.argpartition(values, -n)[-n:]
 
 
 def bolus_arrival_frame(curves: np.ndarray, source: str = "image") -> int:
@@ -32,7 +37,16 @@ def bolus_arrival_frame(curves: np.ndarray, source: str = "image") -> int:
     rise = curves - curves[:, :1]
     peak = rise.max(axis=1)
     n_ref = max(1, int(round(ARTERIAL_REFERENCE_FRACTION * len(peak))))
-    ref_idx = np.argpartition(peak, -n_ref)[-n_ref:]
+    ref_idx = _strongest(peak, n_ref)
+    # A bolus passes and a vessel comes back down; bone sliding into an edge voxel after head
+    # motion stays up and, being brighter than any vessel, would time the motion instead. When
+    # nothing bright has come back down (a bolus cut off by the end of the scan) all voxels stay.
+    tail = rise[:, -max(1, rise.shape[1] // 10):].mean(axis=1)
+    returned = np.flatnonzero(tail < RETURN_FRACTION * peak)
+    if len(returned) >= n_ref:
+        returned = returned[_strongest(peak[returned], n_ref)]
+        if peak[returned].mean() >= RETURN_FRACTION * peak[ref_idx].mean():
+            ref_idx = returned
     reference = rise[ref_idx].mean(axis=0)
     reference -= reference[:MIN_BASELINE_FRAMES].mean()
     top = int(np.argmax(reference))
