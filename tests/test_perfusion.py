@@ -52,6 +52,19 @@ def test_bolus_arrival_frame_follows_the_earliest_strongest_voxels():
     assert cv.bolus_arrival_frame(curves) == 7
 
 
+def test_bolus_arrival_frame_is_not_timed_by_bone_moving_in():
+    """After a head jerk in frame 3, bone (hundreds of HU, brighter than any vessel) stays in a
+    few edge voxels; a vessel comes back down, so the arrival is still the artery's (frame 7).
+    A bolus cut off by the end of the scan (no vessel back down yet) keeps every voxel."""
+    t = np.arange(40.0)
+    artery = 350.0 * gamma_variate(t, 6.0, 2.0, 1.5)
+    tissue = 30.0 * gamma_variate(t, 10.0, 3.0, 2.0)
+    curves = 35.0 + np.vstack([np.tile(tissue, (990, 1)), np.tile(artery, (5, 1)),
+                               np.tile(np.where(t >= 3, 600.0, 0.0), (5, 1))])
+    assert cv.bolus_arrival_frame(curves) == 7
+    assert cv.bolus_arrival_frame(curves[:995, :12]) == 7
+
+
 def test_bolus_arrival_frame_without_arteries_uses_tissue_arrival():
     t = np.arange(30.0)
     tissue = 25.0 * gamma_variate(t, 11.0, 2.0, 2.0)  # frame 11 is 0, frame 12 is 0.39 of peak
@@ -398,6 +411,22 @@ def test_select_vof_picks_sinus_and_scaling_undoes_partial_volume():
     assert af.gamma_variate_area(aif.fit) == pytest.approx(0.6 * true_first_pass, rel=0.03)
     # the VOF's first pass includes some dispersed recirculation: the factor is 1/0.6 within 6 %
     assert af.vof_scale_factor(aif, vof) == pytest.approx(1 / 0.6, rel=0.06)
+
+
+def test_vof_ignores_sinus_voxels_whose_tail_moved_with_bone():
+    """Head motion slides bone into part of the sinus late in the scan: those voxels have the
+    largest areas, but their tails leave the sinus' common level, so the VOF (and the AIF
+    scale) stays that of the clean sinus voxels."""
+    enh, vox, artery, vein = _vessel_volume(artery_scale=0.6, vein_scale=None)
+    clean_scale = af.vof_scale_factor(
+        af.select_aif(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0)),
+        af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0)))
+    rim = np.ravel_multi_index(tuple(SINUS[SINUS[:, 0] == 18].T), VESSEL_SHAPE)
+    enh[rim] += np.where(T_VESSELS >= 30, 0.3 * vein.max(), 0.0)  # a bone plateau after a jerk
+    aif = af.select_aif(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0))
+    vof = af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0))
+    assert not {tuple(v) for v in vof.voxels} & {tuple(v) for v in SINUS[SINUS[:, 0] == 18]}
+    assert af.vof_scale_factor(aif, vof) == pytest.approx(clean_scale, rel=0.02)
 
 
 def test_vof_scaling_never_shrinks_the_aif_and_needs_a_vof():

@@ -37,8 +37,9 @@ MIN_AIF_PEAK_HU = 100.0  # weaker arterial enhancement makes every map noisy
 # VOF voxels end the scan at the sinus' common level (recirculation, as a fraction of their
 # peak) within this much; bone sliding in or out after head motion shifts a voxel's tail away
 # from it (phantom, 2 mm motion: the 40 largest-area sinus voxels had tails of 5-35 % of
-# their peak against 3 % in truth, and gave a VOF scale of 1.49 instead of 1.0).
-VOF_TAIL_TOLERANCE = 0.05
+# their peak against 3 % in truth, and gave a VOF scale of 1.49 where a still head gives
+# 1.016; with this tolerance 1.04, with 0.05 1.06).
+VOF_TAIL_TOLERANCE = 0.03
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 # Bolus shape: cosine similarity of a curve with its best-matching gamma variate (alpha 3, a grid
 # of arrival times and widths). Vessel curves score >= 0.97 on the phantom, with or without head
