@@ -11,7 +11,7 @@ import pytest
 
 from bids_ctp.perfusion import deconvolution as dc
 from bids_ctp.perfusion import maps as mp
-from bids_ctp.phantom.model import CONSTANTS, arterial_input, tissue_enhancement
+from bids_ctp.phantom.model import CONSTANTS, arterial_input, tissue_enhancement, true_ttp
 
 HCT = CONSTANTS.density / CONSTANTS.kh
 TIMES = np.arange(0.0, 70.0)
@@ -232,3 +232,21 @@ def test_model_fit_exact_between_grid_points(interval):
             assert cbf == pytest.approx(240.0 / mtt, rel=0.02), (mtt, delay)
             assert fitted_mtt[0] == pytest.approx(mtt, rel=0.02), (mtt, delay)
             assert fitted_delay[0] == pytest.approx(delay, abs=0.02), (mtt, delay)
+
+
+@pytest.mark.parametrize("shape", ["exponential", "box"])
+def test_model_ttp_matches_the_true_curve_peak(shape):
+    """TTP of the fitted noise-free curve equals the phantom's continuous TTP within 0.1 s
+    (box: 0.3 s; at MTT 16 s the fit's delay is 0.2 s early), also when the peak would come
+    after the last frame (then: the last frame, as for the truth)."""
+    times = np.arange(0.0, 40.01, 1.0)
+    aif = arterial_input(times)
+    for mtt in (2.0, 4.0, 8.0, 16.0):
+        for delay in (0.3, 2.2, 6.0):
+            curve = tissue_enhancement(times, 240.0 / mtt, 4.0, delay, shape)
+            flow, fitted_delay, fitted_mtt = dc.fit_model(curve[None], times, times, aif,
+                                                          shape=shape)
+            ttp = dc.model_ttp(times, times, aif, fitted_delay, fitted_mtt, shape)[0]
+            truth = true_ttp(times, 240.0 / mtt, 4.0, delay, shape)
+            assert ttp == pytest.approx(truth, abs=0.1 if shape == "exponential" else 0.3), (
+                mtt, delay)

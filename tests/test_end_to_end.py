@@ -80,6 +80,9 @@ def test_accuracy_against_truth(run):
             assert est == pytest.approx(truth, rel=0.15), (name, region, est, truth)
         est, truth = result[("tmax", region)]
         assert abs(est - truth) < 0.5, (region, est, truth)
+    for region in ("grey_matter", "white_matter", "ischemic_core", "penumbra"):
+        est, truth = result[("ttp", region)]  # the fitted curve's (measured: within 0.1 s)
+        assert abs(est - truth) < 0.4, (region, est, truth)
     core, healthy = result[("cbf", "ischemic_core")][0], result[("cbf", "grey_matter")][0]
     assert core < 0.4 * healthy
     assert result["dice"] > 0.95

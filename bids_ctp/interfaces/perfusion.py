@@ -348,6 +348,7 @@ class _DeconvOutput(TraitedSpec):
     flow = File(exists=True, desc="max of k = rho/kH * F (1/s)")
     area = File(exists=True, desc="integral of k (dimensionless)")
     tmax = File(exists=True, desc="time of the maximum of k (s)")
+    ttp = File(exists=True, desc="nlr: time to peak of the fitted curve (s from the first frame)")
     residue_shape = traits.Str(desc="residue family fitted (nlr), else 'none (model-free)'")
 
 
@@ -369,6 +370,9 @@ class Deconvolve(SimpleInterface):
             flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape,
                                                       nuisance=nuisance)
             area = flow * mtt
+            ttp = deconvolution.model_ttp(times, times, aif, tmax, mtt, shape) - times[0]
+            self._results["ttp"] = images.save_like(_fill(brain, ttp), self.inputs.mask,
+                                                    "ttp.nii")
         else:  # SVD needs uniform sampling: resample AIF and tissue to the shortest interval
             grid = curves.uniform_grid(times)
             flow, tmax, area = deconvolution.deconvolve(

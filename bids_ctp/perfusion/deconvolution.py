@@ -449,3 +449,17 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
         # the area k_max·MTT is well determined by the data; keep it while refining MTT
         flow[sl] = np.where(area > 0, area / mtt[sl], 0.0)
     return flow, delay, mtt
+
+
+def model_ttp(times, aif_times, aif, delay, mtt, shape="exponential") -> np.ndarray:
+    """Time to peak of each voxel's fitted model curve (s, on the clock of ``times``), kept
+    within the scan as for the curves' own TTP. Noise-free, so it is not pulled by noise
+    peaks: on the phantom the TTP of the smoothed ischemic-core curves came out 2 s late."""
+    times = np.asarray(times, float)
+    log_mtts = np.linspace(np.log(FIT_MTTS[0]), np.log(FIT_MTTS[-1]), 8 * len(FIT_MTTS))
+    clock = np.arange(times[0], times[-1] + FIT_FINE_DT, FIT_FINE_DT)
+    curves = model_curves(clock, np.asarray(aif_times, float), np.asarray(aif, float),
+                          np.zeros(1), np.exp(log_mtts), shape)[0]
+    peak = clock[np.argmax(curves, axis=1)]  # peak time of a curve with no delay, per MTT
+    ttp = np.asarray(delay, float) + np.interp(np.log(np.maximum(mtt, 1e-3)), log_mtts, peak)
+    return np.clip(ttp, times[0], times[-1]).astype(np.float32)

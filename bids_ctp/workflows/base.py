@@ -102,7 +102,8 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (aif, deconvolve, [("aif", "aif")]),
         (deconvolve, perfusion, [("flow", "flow"), ("area", "area"), ("tmax", "tmax")]),
         (deconvolve, write, [("residue_shape", "residue_shape")]),
-        (enhancement, perfusion, [("ttp", "ttp")]),
+        # nlr: TTP of the fitted curve; SVD methods: of the smoothed curve itself
+        ((deconvolve if method == "nlr" else enhancement), perfusion, [("ttp", "ttp")]),
         (brain, perfusion, [("out_mask", "mask")]),
         (perfusion, write, [("cbf", "cbf"), ("cbv", "cbv"), ("mtt", "mtt"), ("tmax", "tmax"),
                             ("ttp", "ttp")]),
