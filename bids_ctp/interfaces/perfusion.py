@@ -217,7 +217,9 @@ class EnhancementCurves(SimpleInterface):
         tissue = data[brain]
         arrival = curves.bolus_arrival_frame(tissue, self.inputs.source)
         n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
-        base = curves.baseline(tissue, n_baseline, self.inputs.source)
+        base = preprocess.denoise_baseline(
+            curves.baseline(data, n_baseline, self.inputs.source),
+            images.spacing(self.inputs.in_file), preprocess.estimate_noise(data), n_baseline)[brain]
         enhancement = tissue - base[:, None]
         ttp = curves.time_to_peak(times, enhancement)
         self._results["qc_flags"] = (
