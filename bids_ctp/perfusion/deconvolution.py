@@ -321,6 +321,8 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     """
     tissue = np.asarray(tissue, dtype=np.float32)
     keep = tissue.max(axis=1) < VESSEL_FRACTION * float(np.max(aif))
+    if not keep.any():  # e.g. a weak, cut-off AIF: no curve is clearly tissue, use them all
+        keep[:] = True
     step = max(1, int(keep.sum()) // SHAPE_SELECTION_VOXELS)
     tissue = tissue[keep][::step]
     if nuisance is not None:
