@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import DataError, InputMissingError, UsageError
+from .errors import DataError, InputMissingError, UsageError, one_line
 from .inputs import KEPT_ENTITIES, MIN_FRAMES, CTPInput
 
 LOGGER = logging.getLogger("bids_ctp.bids")
@@ -73,12 +73,7 @@ def _load_layout(bids_dir: Path):
             return BIDSLayout(str(bids_dir), validate=False, config=[copy.deepcopy(_ct_config())], indexer=indexer,
                               database_path=None, derivatives=False)
         except Exception as err:  # pybids raises many kinds (bad JSON, bad description ...)
-            raise DataError(f"{bids_dir}: cannot index the dataset: {_one_line(err)}") from err
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
+            raise DataError(f"{bids_dir}: cannot index the dataset: {one_line(err)}") from err
 
 
 def _strip(labels, prefix: str) -> list[str] | None:
@@ -145,7 +140,7 @@ def _n_frames(path: Path) -> int:
     except DataError as err:
         raise DataError(f"{path}: {err}") from err
     except Exception as err:  # defensive: a header nibabel cannot even parse
-        raise DataError(f"{path}: cannot read the NIfTI header: {_one_line(err)}") from err
+        raise DataError(f"{path}: cannot read the NIfTI header: {one_line(err)}") from err
     return info.shape[3]
 
 
@@ -279,7 +274,7 @@ def _check_description(bids_dir: Path) -> None:
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        LOGGER.warning("%s: unreadable, ignored (%s)", path, _one_line(err))
+        LOGGER.warning("%s: unreadable, ignored (%s)", path, one_line(err))
         return
     if not isinstance(description, dict):
         LOGGER.warning("%s: not a JSON object, ignored", path)
@@ -298,9 +293,9 @@ def _check_sidecars(bids_dir: Path) -> None:
         try:
             content = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: cannot read the JSON sidecar: {_one_line(err)}") from err
+            raise DataError(f"{path}: cannot read the JSON sidecar: {one_line(err)}") from err
         except ValueError as err:
-            raise DataError(f"{path}: invalid JSON sidecar: {_one_line(err)}") from err
+            raise DataError(f"{path}: invalid JSON sidecar: {one_line(err)}") from err
         if not isinstance(content, dict):
             raise DataError(f"{path}: the JSON sidecar must hold an object {{...}}, got a {type(content).__name__}")
 
@@ -378,7 +373,7 @@ def collect_inputs(bids_dir, participant_label=None, session_label=None, frame_i
             try:
                 metadata = dict(bf.get_metadata() or {})
             except Exception as err:
-                raise DataError(f"{path}: cannot read the JSON sidecar: {_one_line(err)}") from err
+                raise DataError(f"{path}: cannot read the JSON sidecar: {one_line(err)}") from err
             times, source = resolve_frame_times(path, metadata, n_frames, frame_interval)
             masks = {f"{kind}_mask": _mask_for(t, ents, path, kind) for kind, t in templates.items()}
         except (DataError, InputMissingError) as err:

@@ -6,6 +6,11 @@ EX_NOINPUT = 66  # required input missing
 EX_CANTCREAT = 73  # cannot create output
 
 
+def one_line(err: BaseException) -> str:
+    """An exception as one line of text (for ``bids_ctp: error: ...``)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 class BidsCtpError(Exception):
     """Base class: ``str(err)`` is the one-line message, ``exit_code`` the process exit code."""
 

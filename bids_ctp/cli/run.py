@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import BidsCtpError, InputMissingError, OutputError, UsageError
+from ..errors import BidsCtpError, InputMissingError, OutputError, UsageError, one_line
 from .parser import CLUSTER_PLUGINS, build_parser
 
 LOGGER = logging.getLogger("bids_ctp")
@@ -53,10 +53,6 @@ def _setup_nipype(verbose: int, crashdump_dir: Path) -> None:
         ncfg.set("logging", key, level)
     ncfg.set("execution", "crashdump_dir", str(crashdump_dir))
     nlogging.update_logging(ncfg)
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -253,7 +249,7 @@ def main(argv=None) -> int:
     try:
         return _run(args)
     except BidsCtpError as err:
-        print(f"bids_ctp: error: {_one_line(err)}", file=sys.stderr)
+        print(f"bids_ctp: error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("bids_ctp: interrupted", file=sys.stderr)

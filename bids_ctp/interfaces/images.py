@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import nibabel as nb
 import numpy as np
 
-from bids_ctp.errors import DataError
+from bids_ctp.errors import DataError, one_line
 
 LOGGER = logging.getLogger("bids_ctp.images")
 
@@ -53,11 +53,6 @@ if not any(isinstance(h, _NibabelToLog) for h in _NIB_LOGGER.handlers):
 
 # what reading a truncated or corrupt gzip stream raises
 CORRUPT_DATA_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
-
-
-def one_line(err: BaseException) -> str:
-    """An exception as one line of text (for ``bids_ctp: error: ...``)."""
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 @dataclass

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import nibabel as nb
 import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     isdefined, traits)
 
-from bids_ctp.errors import DataError
+from bids_ctp.errors import DataError, one_line
 from bids_ctp.inputs import MIN_FRAMES
 from bids_ctp.interfaces import images
 from bids_ctp.perfusion import aif as aif_stage
@@ -43,12 +44,10 @@ class LoadCTP(SimpleInterface):
         except DataError as err:
             raise DataError(f"{name}: {err}") from None
         except Exception as err:  # never a traceback for a broken file
-            raise DataError(f"{name}: cannot read the NIfTI header ({images.one_line(err)})") from None
+            raise DataError(f"{name}: cannot read the NIfTI header ({one_line(err)})") from None
         n_times = len(self.inputs.frame_times)
         if info.shape[3] != n_times:
             raise DataError(f"{name}: {info.shape[3]} frames but {n_times} frame times")
-        import warnings  # noqa: PLC0415 (kept inside LoadCTP)
-
         try:
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore")  # numpy/nibabel overflow warnings would be extra stderr lines
@@ -56,9 +55,9 @@ class LoadCTP(SimpleInterface):
         except MemoryError:
             raise DataError(f"{name}: too large to load (shape {info.shape})") from None
         except images.CORRUPT_DATA_ERRORS as err:
-            raise DataError(f"{name}: truncated or corrupt data ({images.one_line(err)})") from None
+            raise DataError(f"{name}: truncated or corrupt data ({one_line(err)})") from None
         except Exception as err:  # corrupt or truncated file: report it, never a traceback
-            raise DataError(f"{name}: cannot read the image data ({images.one_line(err)})") from None
+            raise DataError(f"{name}: cannot read the image data ({one_line(err)})") from None
         if data.shape != info.shape:  # defensive: the header check and nibabel disagree
             raise DataError(f"{name}: expected a 4D image with >= {MIN_FRAMES} frames, "
                             f"got shape {data.shape}")
@@ -327,14 +326,14 @@ def _user_mask(mask_file, reference) -> np.ndarray:
         user = nb.load(mask_file)
         user_shape, user_affine = user.shape, user.affine
     except Exception as err:  # not a NIfTI, truncated, ...: say so, never a traceback
-        raise DataError(f"{os.path.basename(mask_file)}: cannot read mask ({' '.join(str(err).split())})") from err
+        raise DataError(f"{os.path.basename(mask_file)}: cannot read mask ({one_line(err)})") from err
     if user_shape[:3] != ref.shape[:3] or not np.allclose(user_affine, ref.affine, atol=1e-3):
         raise DataError(f"{os.path.basename(mask_file)}: mask is not on the CTP grid "
                         f"(shape {user_shape}, expected {ref.shape[:3]})")
     try:
         return np.asarray(user.dataobj).reshape(ref.shape[:3]) > 0
     except Exception as err:
-        raise DataError(f"{os.path.basename(mask_file)}: cannot read mask ({' '.join(str(err).split())})") from err
+        raise DataError(f"{os.path.basename(mask_file)}: cannot read mask ({one_line(err)})") from err
 
 
 class _DeconvInput(_EnhancementInput):
