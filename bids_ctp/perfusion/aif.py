@@ -24,7 +24,7 @@ from scipy.optimize import curve_fit
 from scipy.special import gammaln
 
 from bids_ctp.errors import DataError
-from bids_ctp.perfusion.curves import RETURN_FRACTION, time_to_peak
+from bids_ctp.perfusion.curves import RETURN_FRACTION, tail_level, time_to_peak
 
 CANDIDATE_FRACTION = 0.3  # of the 99.9th percentile of peak enhancement in the brain
 MIN_CLUSTER_MM3 = 2.0  # smaller bright clusters are noise or tiny vessels
@@ -141,8 +141,7 @@ def _vessel_clusters(enhancement, voxels, shape, times, spacing, source):
     # back down, the scan is too short to tell (truncated bolus) and every bright voxel stays.
     # The brightness threshold comes from the voxels that came back down, so that hundreds
     # of HU of bone at the brain's edge after head motion do not raise it above the arteries.
-    tail = enhancement[:, -max(1, enhancement.shape[1] // 10):].mean(axis=1)
-    returned = tail < RETURN_FRACTION * peak
+    returned = tail_level(enhancement) < RETURN_FRACTION * peak
     threshold = CANDIDATE_FRACTION * np.percentile(peak[returned] if returned.any() else peak,
                                                    99.9)
     bright = peak >= threshold
@@ -222,7 +221,7 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     # ranked by first-pass area (a plain integral would favour voxels at the sinus' bony edge,
     # where head motion adds a plateau), among voxels whose tail matches the sinus'
     curves = enhancement[members]
-    tail = curves[:, -max(1, curves.shape[1] // 10):].mean(axis=1) / curves.max(axis=1)
+    tail = tail_level(curves) / curves.max(axis=1)
     common = np.abs(tail - np.median(tail)) <= VOF_TAIL_TOLERANCE
     return vessel_curve(enhancement, voxels, _strongest(members[common], area[common]), times)
 

@@ -22,8 +22,16 @@ RETURN_FRACTION = 0.5  # vessel curves end below this fraction of their peak
 MIN_BOLUS_HU = 20.0  # arterial reference enhancing less than this: no usable bolus
 
 
-def _strongest(values: np.ndarray, n: int) -> np.ndarray:
+def _largest(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` largest values (unordered)."""
     return np.argpartition(values, -n)[-n:]
+
+
+def tail_level(curves: np.ndarray) -> np.ndarray:
+    """Mean of each curve's last tenth of frames (at least one): where a passing bolus has come
+    back down and a step added by head motion has not."""
+    curves = np.asarray(curves)
+    return curves[..., -max(1, curves.shape[-1] // 10):].mean(axis=-1)
 
 
 def bolus_arrival_frame(curves: np.ndarray, source: str = "image") -> int:
@@ -37,14 +45,13 @@ def bolus_arrival_frame(curves: np.ndarray, source: str = "image") -> int:
     rise = curves - curves[:, :1]
     peak = rise.max(axis=1)
     n_ref = max(1, int(round(ARTERIAL_REFERENCE_FRACTION * len(peak))))
-    ref_idx = _strongest(peak, n_ref)
+    ref_idx = _largest(peak, n_ref)
     # A bolus passes and a vessel comes back down; bone sliding into an edge voxel after head
     # motion stays up and, being brighter than any vessel, would time the motion instead. When
     # nothing bright has come back down (a bolus cut off by the end of the scan) all voxels stay.
-    tail = rise[:, -max(1, rise.shape[1] // 10):].mean(axis=1)
-    returned = np.flatnonzero(tail < RETURN_FRACTION * peak)
+    returned = np.flatnonzero(tail_level(rise) < RETURN_FRACTION * peak)
     if len(returned) >= n_ref:
-        returned = returned[_strongest(peak[returned], n_ref)]
+        returned = returned[_largest(peak[returned], n_ref)]
         if peak[returned].mean() >= RETURN_FRACTION * peak[ref_idx].mean():
             ref_idx = returned
     reference = rise[ref_idx].mean(axis=0)
