@@ -313,11 +313,12 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     family biases CBF by 25-150 %), while over thousands of tissue curves the best family
     stands out clearly. A family's score is the sum over voxels of its profile log-likelihood
     (Gaussian noise of unknown SD per voxel: -n/2 log RSS) relative to the voxel's best family,
-    capped at -SHAPE_EVIDENCE_CAP: a voxel no family fits (a motion-damaged edge, where the
-    residual is not noise) can then not outvote thousands of ordinary ones. Summed residuals
-    without the cap picked the box family for exponential tissue under 2 mm head motion, and
-    the exponential one for box tissue. ``nuisance``: the per-voxel motion regressor of
-    :func:`fit_model`. Vessel curves are left out so they do not dominate.
+    over the curves whose best fit leaves at most SHAPE_OUTLIER_RSS times the median residual:
+    a voxel no family fits (a motion-damaged edge, where the residual is not noise) then cannot
+    outvote thousands of ordinary ones. Summed explained squares over all voxels picked the box
+    family for exponential tissue under 2 mm head motion, and the exponential one for box
+    tissue. ``nuisance``: the per-voxel motion regressor of :func:`fit_model`. Vessel curves
+    are left out so they do not dominate.
     """
     tissue = np.asarray(tissue, dtype=np.float32)
     keep = tissue.max(axis=1) < VESSEL_FRACTION * float(np.max(aif))
@@ -327,11 +328,9 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     tissue = tissue[keep][::step]
     if nuisance is not None:
         nuisance = np.asarray(nuisance, dtype=np.float32)[keep][::step]
-    total = np.einsum("ij,ij->i", tissue, tissue)
-    if nuisance is not None:  # what the regressor alone explains is no family's residual
-        uu = np.einsum("ij,ij->i", nuisance, nuisance)
-        yu = np.einsum("ij,ij->i", tissue, nuisance)
-        total = total - np.where(uu > 0, yu * yu / np.maximum(uu, 1e-12), 0.0)
+    # what the regressor alone explains is no family's residual
+    residual = tissue if nuisance is None else _without_regressor(tissue, nuisance)
+    total = np.einsum("ij,ij->i", residual, residual)
     rss = []
     for shape in RESIDUE_SHAPES:
         basis, norm2 = _model_basis(times, aif_times, aif, delays, mtts, shape)
@@ -343,6 +342,14 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     loglik = -0.5 * tissue.shape[1] * np.log(rss[inlier])
     scores = dict(zip(RESIDUE_SHAPES, (loglik - loglik.max(axis=1, keepdims=True)).sum(axis=0).tolist()))
     return max(scores, key=scores.get), scores
+
+
+def _without_regressor(curves, regressor):
+    """Each curve minus its least-squares projection on its own regressor row (rows whose
+    regressor is 0 unchanged)."""
+    uu = np.einsum("ij,ij->i", regressor, regressor)
+    coef = np.einsum("ij,ij->i", curves, regressor) / np.where(uu > 0, uu, 1.0)
+    return curves - coef.astype(curves.dtype)[:, None] * regressor
 
 
 def _explained(tissue, basis, norm2, nuisance=None):
@@ -357,13 +364,13 @@ def _explained(tissue, basis, norm2, nuisance=None):
     """
     product = (lambda a: a @ basis.T) if basis.ndim == 2 else (
         lambda a: np.einsum("nt,nst->ns", a, basis))
-    proj = product(tissue)  # (voxels, curves)
-    if nuisance is not None:
+    if nuisance is None:
+        proj = product(tissue)  # (voxels, curves)
+    else:
+        proj = product(_without_regressor(tissue, nuisance))
         uu = np.einsum("ij,ij->i", nuisance, nuisance)
         inv = np.where(uu > 0, 1.0 / np.maximum(uu, 1e-12), 0.0).astype(np.float32)[:, None]
         cross = product(nuisance)  # regressor · model curve
-        yu = np.einsum("ij,ij->i", tissue, nuisance)[:, None]
-        proj = proj - yu * inv * cross
         norm2 = np.maximum(norm2 - cross * cross * inv, 1e-6 * norm2)
     amplitude = proj / norm2
     return np.where(amplitude > 0, proj * amplitude, 0.0), amplitude
@@ -407,7 +414,6 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     """
     delays, log_mtts = np.asarray(delays, float), np.log(np.asarray(mtts, float))
     nd, nm = len(delays), len(log_mtts)
-    basis, norm2 = _model_basis(times, aif_times, aif, delays, mtts, shape)
     fd, fm = FINE_DELAY_SPLIT, FINE_MTT_SPLIT
     fine_delays = np.linspace(delays[0], delays[-1], (nd - 1) * fd + 1)
     fine_log_mtts = np.linspace(log_mtts[0], log_mtts[-1], (nm - 1) * fm + 1)
@@ -415,6 +421,9 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
                                     shape)
     fine = fine.reshape(len(fine_delays), len(fine_log_mtts), -1)
     fine_norm2 = fine_norm2.reshape(fine.shape[:2])
+    # the coarse grid is every fd-th delay and fm-th MTT of the fine one
+    basis = np.ascontiguousarray(fine[::fd, ::fm]).reshape(nd * nm, -1)
+    norm2 = fine_norm2[::fd, ::fm].ravel()
     rd, rm = FINE_REACH[0] * fd, FINE_REACH[1] * fm
     reach_d, reach_m = np.arange(-rd, rd + 1), np.arange(-rm, rm + 1)  # local grid offsets
     tissue = np.asarray(tissue, dtype=np.float32)
