@@ -25,7 +25,8 @@ DESCRIPTIONS = {
     "cbv": "Cerebral blood volume",
     "mtt": "Mean transit time (CBV / CBF)",
     "tmax": "Time to maximum of the residue function (delay relative to the AIF)",
-    "ttp": "Time to peak of the enhancement curve, from the start of the first frame",
+    "ttp": ("Time to peak of the enhancement curve (nlr: of the fitted model curve; SVD methods: "
+            "of the smoothed curve), from the start of the first frame"),
 }
 
 
