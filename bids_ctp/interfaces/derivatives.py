@@ -38,6 +38,7 @@ class _WriterInput(BaseInterfaceInputSpec):
     motion_parameters = traits.List(traits.List(traits.Float), mandatory=True)
     framewise_displacement = traits.List(traits.Float, mandatory=True)
     motion_flags = traits.List(traits.Str, desc="problems found by motion correction")
+    mask_flags = traits.List(traits.Str, desc="problems found making the brain mask")
     curve_flags = traits.List(traits.Str, desc="problems found in the enhancement curves")
     vessel_flags = traits.List(traits.Str, desc="problems found with the AIF and VOF")
     vof_info = traits.Dict(mandatory=True)
@@ -99,7 +100,7 @@ class WriteDerivatives(SimpleInterface):
             "TimeOrigin": "start of the first frame (FrameTimesStart[0])",
         }
         fd = np.asarray(inp.framewise_displacement, float)
-        flags = [flag for trait in ("motion_flags", "curve_flags", "vessel_flags")
+        flags = [flag for trait in ("motion_flags", "mask_flags", "curve_flags", "vessel_flags")
                  if isdefined(getattr(inp, trait)) for flag in getattr(inp, trait)]
         if motion.motion_qc_flag(fd):
             flags.append(f"motion: framewise displacement up to {fd.max():.2f} mm "

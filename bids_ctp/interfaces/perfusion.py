@@ -104,12 +104,17 @@ class MotionCorrection(SimpleInterface):
     def _run_interface(self, runtime):
         data = images.load(self.inputs.in_file)
         flags = []
+        spacing = images.spacing(self.inputs.in_file)
         if self.inputs.enabled and min(data.shape[:3]) < MIN_SLICES_FOR_MOTION:
             flags.append(f"motion correction skipped: {min(data.shape[:3])} slice(s) cannot "
                          "constrain a 3D rigid registration")
+        elif self.inputs.enabled and not mask.has_skull(data[..., 0], spacing):
+            # without a skull the only structure is enhancing tissue, so the bolus itself
+            # would drive the registration (0.6 mm of invented motion on a still test object)
+            flags.append("motion correction skipped: no skull in the first frame "
+                         f"(< {mask.MIN_SKULL_ML:g} mL of bone) to register on")
         if self.inputs.enabled and not flags:
-            result = motion.correct_motion(data, images.spacing(self.inputs.in_file),
-                                           n_threads=self.inputs.n_threads)
+            result = motion.correct_motion(data, spacing, n_threads=self.inputs.n_threads)
             data = result.corrected
             self._results["out_file"] = images.save_like(data, self.inputs.in_file,
                                                          "ctp_moco.nii")
@@ -166,6 +171,7 @@ class _MaskInput(BaseInterfaceInputSpec):
 
 class _MaskOutput(TraitedSpec):
     out_mask = File(exists=True)
+    qc_flags = traits.List(traits.Str, desc="problems to show in sidecars and reports")
 
 
 class BrainMask(SimpleInterface):
@@ -176,11 +182,17 @@ class BrainMask(SimpleInterface):
 
     def _run_interface(self, runtime):
         ref = nb.load(self.inputs.mean_file)
+        flags = []
         if isdefined(self.inputs.user_mask):
             brain = _user_mask(self.inputs.user_mask, self.inputs.mean_file)
         else:
-            brain = mask.brain_mask(images.load(self.inputs.mean_file), ref.header.get_zooms()[:3],
-                                    mask.slice_axis_from_affine(ref.affine))
+            mean, spacing = images.load(self.inputs.mean_file), ref.header.get_zooms()[:3]
+            brain = mask.brain_mask(mean, spacing, mask.slice_axis_from_affine(ref.affine))
+            if not mask.has_skull(mean, spacing):
+                flags.append(f"brain mask: no skull in the image (< {mask.MIN_SKULL_ML:g} mL "
+                             "of bone), taken as skull-stripped: the mask is every voxel from "
+                             f"{mask.SOFT_TISSUE_HU[0]:g} to {mask.SOFT_TISSUE_HU[1]:g} HU")
+        self._results["qc_flags"] = flags
         if not brain.any():
             raise DataError(f"{self.inputs.source}: brain mask is empty")
         self._results["out_mask"] = images.save_like(brain, self.inputs.mean_file,

@@ -15,6 +15,18 @@ SKULL_GAP_MM = 2.0  # sutures and partial-volumed thin bone up to this width are
 BRIDGE_MM = 1.5  # soft-tissue bridges thinner than this (through foramina) are cut
 OPENING_MM = 3.5  # the brain spreads between slices only through soft tissue wider than 2x this in-plane
 IN_PLANE = 1e6  # slice spacing stand-in that makes the 3D distance transforms measure in-plane distances
+# Less bone than this and the image is taken as skull-stripped (or a digital reference object):
+# calcifications (pineal, choroid plexus) stay well below, a 1 cm slab of skull is ~25 mL.
+MIN_SKULL_ML = 5.0
+
+
+def has_skull(image: np.ndarray, spacing) -> bool:
+    """Whether ``image`` (HU) holds at least MIN_SKULL_ML of bone."""
+    return float((image > BONE_HU).sum()) * float(np.prod(spacing)) / 1000.0 >= MIN_SKULL_ML
+
+
+def soft_tissue(image: np.ndarray) -> np.ndarray:
+    return (image > SOFT_TISSUE_HU[0]) & (image < SOFT_TISSUE_HU[1])
 
 
 def dilate(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
@@ -78,6 +90,9 @@ def slice_axis_from_affine(affine: np.ndarray) -> int:
 def brain_mask(mean_image: np.ndarray, spacing, slice_axis: int = 2) -> np.ndarray:
     """Intracranial soft tissue (brain, CSF, intracranial vessels) of a time-averaged CT image.
 
+    An image without a skull (``has_skull`` false: skull-stripped data, a digital reference
+    object) is taken as brain already: every soft-tissue voxel is returned.
+
     Steps: bone by threshold, sutures (gaps up to 2 * SKULL_GAP_MM) closed; soft tissue enclosed
     by the skull in its axial slice seeds the brain, but only where the soft tissue is wide (it
     survives an in-plane erosion by OPENING_MM).  In skull-base slices the skull ring is open
@@ -89,11 +104,13 @@ def brain_mask(mean_image: np.ndarray, spacing, slice_axis: int = 2) -> np.ndarr
     narrower than 2 * OPENING_MM (the mouth of a fissure) is left out.
     """
     spacing = tuple(float(s) for s in spacing)
+    if not has_skull(mean_image, spacing):
+        return soft_tissue(mean_image)
     plane = tuple(IN_PLANE if axis == slice_axis else s for axis, s in enumerate(spacing))
     pixel = max(s for axis, s in enumerate(spacing) if axis != slice_axis)
     bone = mean_image > BONE_HU
     skull = erode(dilate(bone, SKULL_GAP_MM, spacing), SKULL_GAP_MM, spacing) | bone
-    soft = (mean_image > SOFT_TISSUE_HU[0]) & (mean_image < SOFT_TISSUE_HU[1]) & ~skull
+    soft = soft_tissue(mean_image) & ~skull
     channels = bony_channels(skull, 2.0 * OPENING_MM, plane, slice_axis)
     wide = erode(soft, OPENING_MM, plane)
     seed = fill_holes_per_slice(skull, slice_axis) & wide

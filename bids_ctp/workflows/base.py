@@ -107,7 +107,7 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (brain, perfusion, [("out_mask", "mask")]),
         (perfusion, write, [("cbf", "cbf"), ("cbv", "cbv"), ("mtt", "mtt"), ("tmax", "tmax"),
                             ("ttp", "ttp")]),
-        (brain, write, [("out_mask", "brain_mask")]),
+        (brain, write, [("out_mask", "brain_mask"), ("qc_flags", "mask_flags")]),
         (smooth, write, [("noise_sd", "noise_sd"), ("sigma_mm", "sigma_mm")]),
         (enhancement, write, [("arrival_frame", "arrival_frame"),
                               ("baseline_frames", "baseline_frames"), ("qc_flags", "curve_flags")]),
