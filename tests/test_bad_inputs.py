@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gzip
-import hashlib
 import json
 import os
 from pathlib import Path

@@ -279,17 +279,23 @@ class SelectVessels(SimpleInterface):
     def _run_interface(self, runtime):
         inp = self.inputs
         times = np.asarray(inp.frame_times) - inp.frame_times[0]  # as for TTP
-        brain, tissue = _enhancement(inp)
+        brain, tissue, _ = _enhancement(inp)
         voxels = np.argwhere(brain)
         spacing = images.spacing(inp.mask)
+        search = (tissue, voxels, brain.shape, times, spacing, inp.source)
+        clusters = None
         if isdefined(inp.aif_mask):
             aif = self._user_curve(inp.aif_mask, times)
         else:
-            aif = aif_stage.select_aif(tissue, voxels, brain.shape, times, spacing, inp.source)
+            clusters = aif_stage.vessel_clusters(*search)  # no vessel at all: a data error
+            aif = aif_stage.select_aif(*search, clusters=clusters)
         if isdefined(inp.vof_mask):
             vof = self._user_curve(inp.vof_mask, times)
         else:
-            vof = aif_stage.select_vof(tissue, voxels, brain.shape, times, spacing, inp.source)
+            try:
+                vof = aif_stage.select_vof(*search, clusters=clusters)
+            except DataError:  # only reached with a user AIF: no VOF then (flagged below)
+                vof = None
         scale = aif_stage.vof_scale_factor(aif, vof) if inp.vof_scaling else 1.0
         self._results["qc_flags"] = aif_stage.vessel_problems(aif, vof)
         self._results["aif"] = [float(v) * scale for v in aif.curve]
@@ -372,12 +378,12 @@ class Deconvolve(SimpleInterface):
     output_spec = _DeconvOutput
 
     def _run_interface(self, runtime):
-        brain, tissue = _enhancement(self.inputs)
+        brain, tissue, baseline = _enhancement(self.inputs)
         times = np.asarray(self.inputs.frame_times, float)
         aif = np.asarray(self.inputs.aif, float)
         shape = "none (model-free)"
         if self.inputs.method == "nlr":
-            nuisance = _motion_regressor(self.inputs, brain)
+            nuisance = _motion_regressor(self.inputs, brain, baseline)
             shape, _ = deconvolution.select_residue_shape(tissue, times, times, aif,
                                                           nuisance=nuisance)
             flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape,
@@ -440,19 +446,20 @@ def _fill(brain: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _motion_regressor(inputs, brain):
+def _motion_regressor(inputs, brain, baseline):
     """``motion.residual_motion_regressor`` of this series, or None (no motion input or a
     still head)."""
     if not isdefined(inputs.motion_parameters) or not np.any(inputs.motion_parameters):
         return None
     return motion.residual_motion_regressor(
-        inputs.motion_parameters, images.load(inputs.baseline), images.spacing(inputs.in_file),
+        inputs.motion_parameters, baseline, images.spacing(inputs.in_file),
         brain, inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1)
 
 
 def _enhancement(inputs):
-    """Brain mask and the (n_brain_voxels, n_frames) enhancement curves in HU."""
+    """Brain mask, the (n_brain_voxels, n_frames) enhancement curves in HU and the baseline
+    image they are relative to."""
     brain = images.load(inputs.mask, bool)
     data = images.load(inputs.in_file)
     base = images.load(inputs.baseline)
-    return brain, data[brain] - base[brain][:, None]
+    return brain, data[brain] - base[brain][:, None], base

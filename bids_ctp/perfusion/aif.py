@@ -128,8 +128,9 @@ def bolus_shape(times, curves) -> tuple[np.ndarray, np.ndarray]:
     return cosine, np.maximum(proj[rows, best], 0.0) / norms[best] * unit_area
 
 
-def _vessel_clusters(enhancement, voxels, shape, times, spacing, source):
-    """Bright, bolus-shaped voxels grouped into connected vessel-sized clusters.
+def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image"):
+    """Bright, bolus-shaped voxels grouped into connected vessel-sized clusters (computed once
+    and shared by ``select_aif`` and ``select_vof``).
 
     Returns candidate indices, each candidate's cluster label, each cluster's median time to
     peak (inf for clusters too small to be a vessel or not bolus-shaped), each candidate's
@@ -186,29 +187,30 @@ def _strongest(indices, strength):
 
 
 def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
-               source: str = "image") -> VesselCurve:
+               source: str = "image", clusters=None) -> VesselCurve:
     """Pick the AIF among brain voxels: the strongest voxels of the earliest vessel clusters.
 
     ``enhancement`` (n, T) are the baseline-subtracted curves of the voxels at indices
-    ``voxels`` (n, 3) of a volume of ``shape``; ``spacing`` in mm.
+    ``voxels`` (n, 3) of a volume of ``shape``; ``spacing`` in mm. ``clusters``: the result of
+    ``vessel_clusters`` for these arguments, computed here when not given.
     """
     times = np.asarray(times, float)
-    candidates, cluster_of, cluster_ttp, peak, _ = _vessel_clusters(
+    candidates, cluster_of, cluster_ttp, peak, _ = clusters or vessel_clusters(
         enhancement, voxels, shape, times, spacing, source)
     early = np.isin(cluster_of, np.flatnonzero(cluster_ttp <= cluster_ttp.min() + EARLY_WINDOW_S))
     return vessel_curve(enhancement, voxels, _strongest(candidates[early], peak[early]), times)
 
 
 def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
-               source: str = "image") -> VesselCurve | None:
+               source: str = "image", clusters=None) -> VesselCurve | None:
     """Pick the venous output function: the largest first-pass voxels of the largest late cluster.
 
     Late = peaking more than EARLY_WINDOW_S after the earliest (arterial) cluster. A venous
     sinus is wide, so its centre is free of partial volume; its curve area is the reference
-    for the AIF's. Returns None when no late cluster exists.
+    for the AIF's. Returns None when no late cluster exists. ``clusters`` as for ``select_aif``.
     """
     times = np.asarray(times, float)
-    candidates, cluster_of, cluster_ttp, _, first_pass = _vessel_clusters(
+    candidates, cluster_of, cluster_ttp, _, first_pass = clusters or vessel_clusters(
         enhancement, voxels, shape, times, spacing, source)
     late_labels = np.flatnonzero(np.isfinite(cluster_ttp)
                                  & (cluster_ttp > cluster_ttp.min() + EARLY_WINDOW_S))

@@ -129,13 +129,6 @@ def parabolic_vertex(t0, t1, t2, y0, y1, y2):
     return np.clip(np.where(ok, vertex, t1), t0, t2)
 
 
-def area_under_curve(times: np.ndarray, curves: np.ndarray) -> np.ndarray:
-    """Trapezoidal area (HU·s) over the acquired frames, last axis is time."""
-    dt = np.diff(np.asarray(times, dtype=np.float64))
-    mid = 0.5 * (curves[..., 1:] + curves[..., :-1])
-    return (mid @ dt).astype(np.float32)
-
-
 def uniform_grid(times: np.ndarray) -> np.ndarray:
     """Uniform time grid spanning the acquisition with the shortest sampled interval.
 
