@@ -34,9 +34,11 @@ def estimate_noise(data: np.ndarray) -> float:
     """
     mean = data.mean(axis=-1)
     soft = (mean > SOFT_TISSUE_HU[0]) & (mean < SOFT_TISSUE_HU[1])
-    curves = data[soft] if soft.any() else data.reshape(-1, data.shape[-1])
-    if curves.shape[0] > 200_000:  # a random-free, even subsample is plenty for a median
-        curves = curves[:: curves.shape[0] // 200_000]
+    where = np.nonzero(soft if soft.any() else np.ones(mean.shape, dtype=bool))
+    # a random-free, even subsample is plenty for a median; taken before copying any curve,
+    # so a whole-brain series is not duplicated in memory
+    step = max(1, where[0].size // 200_000)
+    curves = data[tuple(axis[::step] for axis in where)]
     resid = curves[:, 1:-1] - 0.5 * (curves[:, :-2] + curves[:, 2:])
     mad = np.median(np.abs(resid - np.median(resid)))
     return float(1.4826 * mad / np.sqrt(1.5))
