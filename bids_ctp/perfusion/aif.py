@@ -46,6 +46,13 @@ MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF s
 # motion; bone or CSF edges that motion turns into bright "curves" (drifts and steps) score a
 # median 0.85. Clusters whose median is below this are not vessels.
 MIN_BOLUS_SHAPE = 0.95
+# The earliest vessels may start at most this fraction of their rise above the level they
+# come back down to: more, and the bolus was already arriving in frame 0.
+MAX_FIRST_FRAME_FRACTION = 0.25
+# Vessels counted there fall to half their rise within this time of their peak, as an arterial
+# first pass does (3-4 s); bone that uncorrected head motion slides out of an edge voxel
+# also starts high and falls, but over the whole drift (10-20 s on the phantom).
+FIRST_PASS_HALF_FALL_S = 8.0
 SHAPE_WIDTHS_S = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # gamma-variate beta (s); alpha = 3
 
 
@@ -126,6 +133,39 @@ def bolus_shape(times, curves) -> tuple[np.ndarray, np.ndarray]:
     widths = np.tile(SHAPE_WIDTHS_S, len(onsets))[keep][best]
     unit_area = gamma_variate_area({"amplitude_hu": 1.0, "alpha": 3.0, "beta_s": 1.0}) * widths
     return cosine, np.maximum(proj[rows, best], 0.0) / norms[best] * unit_area
+
+
+def contrast_in_first_frame(times, curves: np.ndarray) -> float:
+    """How far into the bolus the earliest vessels already are in frame 0.
+
+    The median, over the earliest-peaking fifth of the strongly enhancing, bolus-shaped voxels
+    whose first pass is over within the scan, of (frame 0 - minimum after the peak) /
+    (peak - that minimum); about 0 when the scan starts before the bolus. Arrival timing
+    against frame 0 cannot see this (an artery already at 70 % of its peak barely rises from
+    there, and the late vein then dominates the arterial reference). The quick fall keeps out
+    edge voxels that bone slides out of during head motion (they too start high and fall).
+    """
+    curves = np.asarray(curves, dtype=np.float32)
+    top = np.argmax(curves, axis=1)
+    after = np.where(np.arange(curves.shape[1]) >= top[:, None], curves, np.inf).min(axis=1)
+    peak = curves.max(axis=1)
+    rise = peak - after
+    # a first pass: back below half its rise within FIRST_PASS_HALF_FALL_S of the peak
+    times = np.asarray(times, float)
+    below = np.arange(curves.shape[1]) >= top[:, None]
+    below &= curves < (after + 0.5 * rise)[:, None]
+    fall = times[np.argmax(below, axis=1)] - times[top]
+    passing = (rise > 0) & below.any(axis=1) & (fall <= FIRST_PASS_HALF_FALL_S)
+    if not passing.any():
+        return 0.0
+    strong = np.flatnonzero(passing & (rise >= 0.5 * rise[passing].max()))
+    if strong.size:
+        cosine, _ = bolus_shape(times, curves[strong] - after[strong, None])
+        strong = strong[cosine >= MIN_BOLUS_SHAPE]
+    if not strong.size:
+        return 0.0
+    early = strong[top[strong] <= np.percentile(top[strong], 20)]
+    return float(np.median((curves[early, 0] - after[early]) / rise[early]))
 
 
 def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image"):
