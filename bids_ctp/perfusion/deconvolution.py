@@ -255,7 +255,8 @@ VESSEL_FRACTION = 0.2  # curves peaking above this fraction of the AIF are vesse
 SHAPE_OUTLIER_RSS = 2.0  # curves fitted this much worse than the median are not tissue
 
 
-def residue(tau: np.ndarray, mtt: float, shape: str = "exponential", step: float = 0.0) -> np.ndarray:
+def residue(tau: np.ndarray, mtt: float, shape: str = "exponential",
+            step: float = 0.0) -> np.ndarray:
     """Residue function R(τ) of mean transit time ``mtt`` for a family of RESIDUE_SHAPES.
 
     ``step`` > 0: the box is averaged over the cell of that width centred on each τ, so it
@@ -304,7 +305,8 @@ def model_curves(times, aif_times, aif, delays=FIT_DELAYS, mtts=FIT_MTTS,
     at = fine + 0.5 * FIT_FINE_DT
     out = np.empty((len(delays), len(mtts), len(times)))
     for j, mtt in enumerate(mtts):
-        conv = np.convolve(aif_fine, residue(tau, mtt, shape, FIT_FINE_DT) * FIT_FINE_DT)[: len(fine)]
+        kernel = residue(tau, mtt, shape, FIT_FINE_DT) * FIT_FINE_DT
+        conv = np.convolve(aif_fine, kernel)[: len(fine)]
         out[:, j] = np.interp(times[None, :] - delays[:, None], at, conv, left=0.0)
     return out
 
@@ -422,10 +424,9 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     valley is narrower than any affordable delay step, so a local grid in (delay, MTT) let the
     best point sit 1-2 steps along it from the optimum (noise-free MTT 2 s box: CBF up to
     +15 %, MTT -13 %). In (c, MTT) the valley lies along a grid axis and the score is close
-    to quadratic over the stencil. The local grid
-    has ``LOCAL_SPLIT`` times the coarse resolution and reaches ``LOCAL_REACH`` of its steps on
-    each side; its delays are read from a basis ``BASIS_DELAY_SPLIT`` times finer than the
-    coarse grid.
+    to quadratic over the stencil. The local grid has ``LOCAL_SPLIT`` times the coarse
+    resolution and reaches ``LOCAL_REACH`` of its steps on each side; its delays are read from
+    a basis ``BASIS_DELAY_SPLIT`` times finer than the coarse grid.
     ``nuisance``: optional (voxels, frames) regressor fitted jointly, one per voxel (the
     residual head-motion artefact, see ``motion.slice_displacement``).
     Returns ``flow`` (k_max, 1/s), ``delay`` (s; the Tmax, as every family's residue is
@@ -440,8 +441,9 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     fine = fine.reshape(len(fine_delays), len(fine_log_mtts), -1)
     fine_norm2 = fine_norm2.reshape(fine.shape[:2])
     # the coarse grid is a subset of the fine one
-    basis = np.ascontiguousarray(fine[::BASIS_DELAY_SPLIT, :: LOCAL_SPLIT[1]]).reshape(nd * nm, -1)
-    norm2 = fine_norm2[::BASIS_DELAY_SPLIT, :: LOCAL_SPLIT[1]].ravel()
+    coarse = (slice(None, None, BASIS_DELAY_SPLIT), slice(None, None, LOCAL_SPLIT[1]))
+    basis = np.ascontiguousarray(fine[coarse]).reshape(nd * nm, -1)
+    norm2 = fine_norm2[coarse].ravel()
     slope = _valley_slope(fine, fine_delays, np.exp(fine_log_mtts))
     centroid_step = (delays[1] - delays[0]) / LOCAL_SPLIT[0]
     log_mtt_step = fine_log_mtts[1] - fine_log_mtts[0]
