@@ -226,11 +226,7 @@ class EnhancementCurves(SimpleInterface):
         brain = images.load(self.inputs.mask, bool)
         times = np.asarray(self.inputs.frame_times) - self.inputs.frame_times[0]
         tissue = data[brain]
-        already = aif_stage.contrast_in_first_frame(times, tissue)
-        if already > aif_stage.MAX_FIRST_FRAME_FRACTION:
-            raise DataError(f"{self.inputs.source}: contrast is already arriving in the first "
-                            f"frame (the earliest vessels start {100 * already:.0f} % of the way "
-                            "up to their peak): no unenhanced frames for a baseline")
+        aif_stage.check_first_frame(times, tissue, self.inputs.source)
         arrival = curves.bolus_arrival_frame(tissue, self.inputs.source)
         n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
         base = preprocess.denoise_baseline(

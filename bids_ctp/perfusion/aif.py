@@ -147,13 +147,12 @@ def contrast_in_first_frame(times, curves: np.ndarray) -> float:
     """
     curves = np.asarray(curves, dtype=np.float32)
     top = np.argmax(curves, axis=1)
-    after = np.where(np.arange(curves.shape[1]) >= top[:, None], curves, np.inf).min(axis=1)
-    peak = curves.max(axis=1)
-    rise = peak - after
+    from_top = np.arange(curves.shape[1]) >= top[:, None]
+    after = np.where(from_top, curves, np.inf).min(axis=1)
+    rise = curves[np.arange(len(curves)), top] - after
     # a first pass: back below half its rise within FIRST_PASS_HALF_FALL_S of the peak
     times = np.asarray(times, float)
-    below = np.arange(curves.shape[1]) >= top[:, None]
-    below &= curves < (after + 0.5 * rise)[:, None]
+    below = from_top & (curves < (after + 0.5 * rise)[:, None])
     fall = times[np.argmax(below, axis=1)] - times[top]
     passing = (rise > 0) & below.any(axis=1) & (fall <= FIRST_PASS_HALF_FALL_S)
     if not passing.any():
@@ -166,6 +165,15 @@ def contrast_in_first_frame(times, curves: np.ndarray) -> float:
         return 0.0
     early = strong[top[strong] <= np.percentile(top[strong], 20)]
     return float(np.median((curves[early, 0] - after[early]) / rise[early]))
+
+
+def check_first_frame(times, curves: np.ndarray, source: str = "image") -> None:
+    """DataError when ``contrast_in_first_frame`` exceeds MAX_FIRST_FRAME_FRACTION."""
+    already = contrast_in_first_frame(times, curves)
+    if already > MAX_FIRST_FRAME_FRACTION:
+        raise DataError(f"{source}: contrast is already arriving in the first frame (the "
+                        f"earliest vessels start {100 * already:.0f} % of the way up to their "
+                        "peak): no unenhanced frames for a baseline")
 
 
 def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image"):

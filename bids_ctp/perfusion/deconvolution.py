@@ -489,13 +489,12 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
             local_score, local_amp = _explained(
                 tissue[rows], local_basis, local_norm2,
                 None if nuisance is None else nuisance[rows])
-            local_score = local_score.reshape(len(rows), len(reach_c), len(reach_m))
-            a, b = np.divmod(np.argmax(local_score.reshape(len(rows), -1), axis=1),
-                             len(reach_m))
+            a, b = np.divmod(np.argmax(local_score, axis=1), len(reach_m))
             area = local_amp[np.arange(len(rows)), a * len(reach_m) + b] * local_mtt[b]
             # the vertex needs a full 3 x 3 neighbourhood inside the local grid
             a, b = np.clip(a, 1, len(reach_c) - 2), np.clip(b, 1, len(reach_m) - 2)
-            step_c, step_m = _vertex_2d(local_score, a, b)
+            step_c, step_m = _vertex_2d(
+                local_score.reshape(len(rows), len(reach_c), len(reach_m)), a, b)
             mtt[rows] = local_mtt[b] * np.exp(step_m * log_mtt_step)
             delay[rows] = c[a] + step_c * centroid_step - kappa * mtt[rows]
             # the area k_max·MTT is well determined by the data; keep it while refining MTT
