@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from bids_ctp.phantom import make_dataset
 from bids_ctp.phantom import anatomy as an
@@ -232,3 +233,30 @@ def test_motion_option(tmp_path):
     # motion=0 is the motion-free dataset, bit for bit.
     ds = make_dataset(tmp_path / "zero", shape=(40, 40, 3), spacing=(5, 5, 5), n_frames=6, seed=2, motion=0.0)
     assert np.array_equal(np.asanyarray(nib.load(ds.images[0].ctp).dataobj), still)
+
+
+def test_motion_phantom_truth_is_volume_weighted(tmp_path):
+    """Motion phantoms average each voxel over sub-voxels (partial volume), so a voxel's CBV truth
+    must be what its enhancement shows: the first-pass area over CBV is the same in partial-
+    volume voxels as in pure ones. Measured: median deviation 2.6 % (the label at the voxel
+    centre, the truth before: 18 %)."""
+    ds = make_dataset(tmp_path / "pv", shape=(120, 120, 4), spacing=(1.5, 1.5, 5.0), n_frames=40,
+                      noise_hu=0.0, motion=0.001, seed=1)  # 0.001 mm: the partial-volume path
+    image = ds.images[0]
+    data = np.asarray(nib.load(image.ctp).dataobj, float)
+    cbv = np.asarray(nib.load(image.truth["cbv"]).dataobj, float)
+    labels = np.asarray(nib.load(image.truth["dseg"]).dataobj)
+    area = (data - data[..., :6].mean(-1, keepdims=True)).sum(-1)  # bolus arrives at 8 s
+    vessels = ndimage.binary_dilation(np.isin(labels, [an.ARTERY, an.VEIN]), iterations=2)
+    tissue = np.isin(labels, [an.GM, an.WM]) & ~vessels & (cbv >= 1.5)
+    pure = tissue & np.isin(cbv, [PERFUSION_TRUTH[an.GM].cbv, PERFUSION_TRUTH[an.WM].cbv])
+    per_cbv = np.median(area[pure] / cbv[pure])
+    assert np.abs(area[pure] / cbv[pure] / per_cbv - 1).max() < 0.05
+    mixed = tissue & ~pure
+    assert mixed.sum() > 1000
+    assert np.median(np.abs(area[mixed] / cbv[mixed] / per_cbv - 1)) < 0.05
+    # CBF adds by volume too, and MTT = 60 CBV / CBF
+    cbf = np.asarray(nib.load(image.truth["cbf"]).dataobj, float)
+    mtt = np.asarray(nib.load(image.truth["mtt"]).dataobj, float)
+    assert np.all((cbf[mixed] > 0) & (cbf[mixed] <= 60.0 + 1e-3))
+    np.testing.assert_allclose(mtt[mixed], 60.0 * cbv[mixed] / cbf[mixed], rtol=1e-4)

@@ -31,7 +31,9 @@ rotation MM degrees.  The noise-free frame is computed on a sub-voxel grid (at m
 view can move in), resampled in float32 with linear interpolation and averaged over each
 voxel (partial volume, frame 0 too, so frame 0 differs slightly from the motion-free
 dataset at tissue edges), then noise is added (the same draws as without motion) and the frame
-rounded to int16.  The truth ``*_desc-groundtruth_motion.tsv`` (columns rot_x rot_y rot_z
+rounded to int16.  So the CBF and CBV truth of a motion phantom is the mean over each voxel's
+sub-voxels (both add by volume; MTT = 60 CBV / CBF), not the label at its centre; Tmax and TTP
+are the centre label's.  The truth ``*_desc-groundtruth_motion.tsv`` (columns rot_x rot_y rot_z
 trans_x trans_y trans_z; rad and mm) holds, per frame, the parameters of T_t in the
 convention of :mod:`bids_ctp.perfusion.motion`: an ``Euler3DTransform`` about the volume
 centre, on the voxel axes (i, j, k) scaled by the spacing, that maps a point of frame 0 to
@@ -205,6 +207,23 @@ def motion_trajectory(n_frames: int, magnitude: float, rng: np.random.Generator)
     return p
 
 
+def _volume_weighted_truth(lut, src_labels, art_f, art, inner, blocks) -> dict:
+    """CBF, CBV and MTT of partial-volume voxels (the motion path's frames are sub-voxel means).
+
+    A voxel's enhancement is the volume-weighted mean of its sub-voxels' curves, so its CBF and
+    CBV are the volume-weighted means of theirs (an artery sub-voxel holds 1 - fraction of grey
+    matter), and MTT = 60 CBV / CBF. Tmax and TTP stay those of the label at the voxel centre.
+    """
+    out = {}
+    for m in ("cbf", "cbv"):
+        fine = lut[m][src_labels]
+        fine[art] = (1.0 - art_f) * lut[m][an.GM]
+        out[m] = fine[inner].reshape(blocks).mean(axis=(1, 3, 5), dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["mtt"] = np.where(out["cbf"] > 0, 60.0 * out["cbv"] / out["cbf"], 0.0).astype(np.float32)
+    return out
+
+
 # ---------------------------------------------------------------- writing helpers
 def _write_nifti(path: Path, data: np.ndarray, affine: NDArray, zooms: Sequence[float]) -> Path:
     img = nib.Nifti1Image(data, affine)
@@ -352,6 +371,9 @@ def make_dataset(
     for k, tr in PERFUSION_TRUTH.items():
         lut["cbf"][k], lut["cbv"][k], lut["mtt"][k] = tr.cbf, tr.cbv, tr.mtt
         lut["tmax"][k], lut["ttp"][k] = tr.delay, ttp_by_label[k]
+    truth_maps = {m: lut[m][labels] for m in UNITS}
+    if motion:
+        truth_maps.update(_volume_weighted_truth(lut, src_labels, art_f[:, 0], art, inner, blocks))
     mask = np.isin(labels, an.INTRACRANIAL).astype(np.uint8)
 
     result = PhantomDataset(root=root, truth_root=truth_root, frame_times=times, shape=shape, affine=affine)
@@ -403,7 +425,7 @@ def make_dataset(
         tdir = truth_root / rel / "perf"
         for m, units in UNITS.items():
             path = tdir / f"{prefix}_desc-groundtruth_{m}.nii.gz"
-            image.truth[m] = _write_nifti(path, lut[m][labels], affine, spacing)
+            image.truth[m] = _write_nifti(path, truth_maps[m], affine, spacing)
             write_json(path.with_name(path.name.replace(".nii.gz", ".json")), {"Units": units, "Description": MAP_DESCRIPTIONS[m]})
         image.truth["dseg"] = _write_nifti(tdir / f"{prefix}_dseg.nii.gz", labels, affine, spacing)
         write_text(tdir / f"{prefix}_dseg.tsv", "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in an.LABELS.items()))
