@@ -72,3 +72,33 @@ def test_slice_displacement_and_residual_regressor():
     np.testing.assert_allclose(regressor[near][:, 2:], 1.5, atol=1e-5)
     assert not regressor[~near].any()
     assert mo.residual_motion_regressor(np.zeros((4, 6)), baseline, spacing, brain, 2) is None
+
+
+@pytest.mark.parametrize("shape", ["box", "exponential"])
+def test_weights_keep_a_nonlinear_motion_artefact_out_of_the_fit(shape):
+    """Cortex at a bone edge: after the jerk at frame 24 the edge's partial volume grows faster
+    than the displacement (it crosses into the next slice at frame 40), so the linear regressor
+    removes only part of it. Weighting frames by their expected artefact fits the voxel mostly
+    on the frames near its baseline position. Measured (CBF / MTT): regressor alone box
+    -2 / +597 %, exponential +100 / -74 %; with weights box +8 / -12 %, exponential +6 / -17 %."""
+    aif = arterial_input(TIMES)
+    cbf, cbv = 60.0, 4.0
+    tissue = tissue_enhancement(TIMES, cbf, cbv, 1.0, shape)
+    shift = 0.3 * TIMES / TIMES[-1] + np.where(TIMES >= 24, 1.5, 0.0)  # mm
+    moved = tissue + 40.0 * shift * np.where(TIMES >= 40, 1.4, 1.0)  # 40 HU/mm at the edge
+    baseline = np.zeros((3, 3, 3), np.float32)
+    baseline[:, :, 2] = 80.0  # voxel (1, 1, 1): 40 HU/mm along k
+    brain = np.zeros(baseline.shape, bool)
+    brain[1, 1, 1] = True
+    weights = mo.artefact_weights(shift[None], baseline, (1.0, 1.0, 1.0), brain, noise_sd=1.0)
+    assert weights[0, 0] == 1.0 and weights[0, 30] < 0.001
+
+    def fitted(**kw):
+        flow, delay, mtt = dc.fit_model(moved[None], TIMES, TIMES, aif, shape=shape, **kw)
+        return flow[0] * 6000 * 0.73 / 1.05 / cbf - 1, mtt[0] / (60 * cbv / cbf) - 1, delay[0]
+
+    cbf_err, mtt_err, _ = fitted(nuisance=shift[None])
+    assert max(abs(cbf_err), abs(mtt_err)) > 0.7
+    cbf_err, mtt_err, delay = fitted(nuisance=shift[None], weights=weights)
+    assert abs(cbf_err) < 0.10 and abs(mtt_err) < 0.20
+    assert delay == pytest.approx(1.0, abs=0.3)

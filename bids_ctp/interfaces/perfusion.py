@@ -385,10 +385,13 @@ class Deconvolve(SimpleInterface):
         shape = "none (model-free)"
         if self.inputs.method == "nlr":
             nuisance = _motion_regressor(self.inputs, brain, baseline)
+            weights = None if nuisance is None else motion.artefact_weights(
+                nuisance, baseline, images.spacing(self.inputs.in_file), brain,
+                preprocess.estimate_noise(tissue))
             shape, _ = deconvolution.select_residue_shape(tissue, times, times, aif,
-                                                          nuisance=nuisance)
+                                                          nuisance=nuisance, weights=weights)
             flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape,
-                                                      nuisance=nuisance)
+                                                      nuisance=nuisance, weights=weights)
             area = flow * mtt
             ttp = deconvolution.model_ttp(times, times, aif, tmax, mtt, shape) - times[0]
             self._results["ttp"] = images.save_like(_fill(brain, ttp), self.inputs.mask,

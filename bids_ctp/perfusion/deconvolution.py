@@ -319,7 +319,7 @@ def _model_basis(times, aif_times, aif, delays, mtts, shape):
 
 
 def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS,
-                         mtts=FIT_MTTS, nuisance=None) -> tuple[str, dict]:
+                         mtts=FIT_MTTS, nuisance=None, weights=None) -> tuple[str, dict]:
     """The residue family that explains the scan's tissue curves best, with each one's score.
 
     One family per scan: per voxel, noise makes the families hard to tell apart (and a wrong
@@ -330,8 +330,8 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     a voxel no family fits (a motion-damaged edge, where the residual is not noise) then cannot
     outvote thousands of ordinary ones. Summed explained squares over all voxels picked the box
     family for exponential tissue under 2 mm head motion, and the exponential one for box
-    tissue. ``nuisance``: the per-voxel motion regressor of :func:`fit_model`. Vessel curves
-    are left out so they do not dominate.
+    tissue. ``nuisance``, ``weights``: the per-voxel motion regressor and frame weights of
+    :func:`fit_model`. Vessel curves are left out so they do not dominate.
     """
     tissue = np.asarray(tissue, dtype=np.float32)
     keep = tissue.max(axis=1) < VESSEL_FRACTION * float(np.max(aif))
@@ -341,49 +341,57 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     tissue = tissue[keep][::step]
     if nuisance is not None:
         nuisance = np.asarray(nuisance, dtype=np.float32)[keep][::step]
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float32)[keep][::step]
     # what the regressor alone explains is no family's residual
-    residual = tissue if nuisance is None else _without_regressor(tissue, nuisance)
-    total = np.einsum("ij,ij->i", residual, residual)
+    residual = tissue if nuisance is None else _without_regressor(tissue, nuisance, weights)
+    total = np.einsum("ij,ij->i", residual if weights is None else weights * residual, residual)
     rss = []
     for shape in RESIDUE_SHAPES:
         basis, norm2 = _model_basis(times, aif_times, aif, delays, mtts, shape)
-        score, _ = _explained(tissue, basis, norm2, nuisance)
+        score, _ = _explained(tissue, basis, norm2, nuisance, weights)
         rss.append(np.maximum(total - score.max(axis=1), 1e-6 * np.maximum(total, 1e-12)))
     rss = np.stack(rss, axis=1)
     best = rss.min(axis=1)
     inlier = best <= SHAPE_OUTLIER_RSS * np.median(best)
-    loglik = -0.5 * tissue.shape[1] * np.log(rss[inlier])
+    # frames a voxel weighs less carry less of its evidence
+    n_frames = tissue.shape[1] if weights is None else weights.sum(axis=1)[inlier, None]
+    loglik = -0.5 * n_frames * np.log(rss[inlier])
     scores = dict(zip(RESIDUE_SHAPES, (loglik - loglik.max(axis=1, keepdims=True)).sum(axis=0).tolist()))
     return max(scores, key=scores.get), scores
 
 
-def _without_regressor(curves, regressor):
-    """Each curve minus its least-squares projection on its own regressor row (rows whose
-    regressor is 0 unchanged)."""
-    uu = np.einsum("ij,ij->i", regressor, regressor)
-    coef = np.einsum("ij,ij->i", curves, regressor) / np.where(uu > 0, uu, 1.0)
+def _without_regressor(curves, regressor, weights=None):
+    """Each curve minus its (weighted) least-squares projection on its own regressor row (rows
+    whose regressor is 0 unchanged)."""
+    wr = regressor if weights is None else weights * regressor
+    uu = np.einsum("ij,ij->i", wr, regressor)
+    coef = np.einsum("ij,ij->i", curves, wr) / np.where(uu > 0, uu, 1.0)
     return curves - coef.astype(curves.dtype)[:, None] * regressor
 
 
-def _explained(tissue, basis, norm2, nuisance=None):
+def _explained(tissue, basis, norm2, nuisance=None, weights=None):
     """Per voxel and model curve: sum of squares the model explains, and its amplitude.
 
-    ``basis`` is (curves, frames), shared by all voxels, or (voxels, curves, frames), one set
-    per voxel (``norm2`` shaped alike). Without ``nuisance`` this is the projection on each
-    model curve. With a nuisance regressor per voxel (one row per voxel, same frames), the
-    model and the regressor are fitted jointly and the score is what the model explains beyond
-    the regressor (the model curve and the tissue curve are both orthogonalised against it).
-    Negative amplitudes score 0.
+    ``basis`` (curves, frames) is shared by all voxels, ``norm2`` its squared norms. With a
+    nuisance regressor per voxel (one row per voxel, same frames), the model and the regressor
+    are fitted jointly and the score is what the model explains beyond the regressor (the
+    model curve and the tissue curve are both orthogonalised against it). With ``weights``
+    (voxels, frames), the least squares are weighted (frames a voxel's motion artefact may
+    dominate count less): every inner product becomes sum_t w_t a_t b_t, two matrix products
+    instead of one. Negative amplitudes score 0.
     """
-    product = (lambda a: a @ basis.T) if basis.ndim == 2 else (
-        lambda a: np.einsum("nt,nst->ns", a, basis))
-    if nuisance is None:
-        proj = product(tissue)  # (voxels, curves)
+    if weights is None:
+        norm2 = np.broadcast_to(norm2, (len(tissue), len(norm2)))
     else:
-        proj = product(_without_regressor(tissue, nuisance))
-        uu = np.einsum("ij,ij->i", nuisance, nuisance)
+        norm2 = weights @ (basis * basis).T
+    residual = tissue if nuisance is None else _without_regressor(tissue, nuisance, weights)
+    proj = (residual if weights is None else weights * residual) @ basis.T  # (voxels, curves)
+    if nuisance is not None:
+        wr = nuisance if weights is None else weights * nuisance
+        uu = np.einsum("ij,ij->i", wr, nuisance)
         inv = np.where(uu > 0, 1.0 / np.maximum(uu, 1e-12), 0.0).astype(np.float32)[:, None]
-        cross = product(nuisance)  # regressor · model curve
+        cross = wr @ basis.T  # regressor · model curve
         norm2 = np.maximum(norm2 - cross * cross * inv, 1e-6 * norm2)
     amplitude = proj / norm2
     return np.where(amplitude > 0, proj * amplitude, 0.0), amplitude
@@ -412,7 +420,7 @@ def _vertex_2d(score, i, j, max_step=0.5):
 
 
 def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts=FIT_MTTS,
-              shape="exponential", nuisance=None):
+              shape="exponential", nuisance=None, weights=None):
     """Least-squares fit of the delayed model (residue family ``shape``) to every tissue curve.
 
     Coarse-to-fine grid search: the best (delay, MTT) pair of the coarse grid (``delays``
@@ -428,7 +436,8 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     resolution and reaches ``LOCAL_REACH`` of its steps on each side; its delays are read from
     a basis ``BASIS_DELAY_SPLIT`` times finer than the coarse grid.
     ``nuisance``: optional (voxels, frames) regressor fitted jointly, one per voxel (the
-    residual head-motion artefact, see ``motion.slice_displacement``).
+    residual head-motion artefact, see ``motion.slice_displacement``); ``weights``: optional
+    (voxels, frames) weights of a weighted least-squares fit (``motion.artefact_weights``).
     Returns ``flow`` (k_max, 1/s), ``delay`` (s; the Tmax, as every family's residue is
     largest at τ = 0) and ``mtt`` (s).
     """
@@ -469,6 +478,12 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     tissue = np.asarray(tissue, dtype=np.float32)
     if nuisance is not None:
         nuisance = np.asarray(nuisance, dtype=np.float32)
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float32)
+
+    def rows_of(array, rows):
+        return None if array is None else array[rows]
+
     flow = np.empty(len(tissue), dtype=np.float32)
     delay = np.empty(len(tissue), dtype=np.float32)
     mtt = np.empty(len(tissue), dtype=np.float32)
@@ -478,7 +493,7 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     chunk_size = max(1, CHUNK_VOXELS // 16)
     for start in range(0, len(tissue), chunk_size):
         sl = slice(start, start + chunk_size)
-        score, _ = _explained(tissue[sl], basis, norm2, None if nuisance is None else nuisance[sl])
+        score, _ = _explained(tissue[sl], basis, norm2, rows_of(nuisance, sl), rows_of(weights, sl))
         best[sl] = np.argmax(score, axis=1)
     # voxels with the same coarse optimum share their local grid: one matrix product each
     order = np.argsort(best, kind="stable")
@@ -486,9 +501,8 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
         local_basis, local_norm2, c, local_mtt, kappa = local_grid(*divmod(int(best[group[0]]), nm))
         for start in range(0, len(group), chunk_size):
             rows = group[start : start + chunk_size]
-            local_score, local_amp = _explained(
-                tissue[rows], local_basis, local_norm2,
-                None if nuisance is None else nuisance[rows])
+            local_score, local_amp = _explained(tissue[rows], local_basis, local_norm2,
+                                                rows_of(nuisance, rows), rows_of(weights, rows))
             a, b = np.divmod(np.argmax(local_score, axis=1), len(reach_m))
             area = local_amp[np.arange(len(rows)), a * len(reach_m) + b] * local_mtt[b]
             # the vertex needs a full 3 x 3 neighbourhood inside the local grid

