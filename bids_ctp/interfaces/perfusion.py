@@ -280,7 +280,7 @@ class SelectVessels(SimpleInterface):
     def _run_interface(self, runtime):
         inp = self.inputs
         times = np.asarray(inp.frame_times) - inp.frame_times[0]  # as for TTP
-        brain, tissue, _ = _enhancement(inp)
+        brain, tissue, baseline = _enhancement(inp)
         voxels = np.argwhere(brain)
         spacing = images.spacing(inp.mask)
         search = (tissue, voxels, brain.shape, times, spacing, inp.source)
@@ -294,7 +294,7 @@ class SelectVessels(SimpleInterface):
             vof = self._user_curve(inp.vof_mask, times)
         else:
             try:
-                vof = aif_stage.select_vof(*search, clusters=clusters)
+                vof = aif_stage.select_vof(*search, clusters=clusters, baseline=baseline)
             except DataError:  # only reached with a user AIF: no VOF then (flagged below)
                 vof = None
         scale = aif_stage.vof_scale_factor(aif, vof) if inp.vof_scaling else 1.0

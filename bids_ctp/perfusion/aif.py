@@ -25,6 +25,7 @@ from scipy.special import gammaln
 
 from bids_ctp.errors import DataError
 from bids_ctp.perfusion.curves import RETURN_FRACTION, tail_level, time_to_peak
+from bids_ctp.perfusion.mask import BONE_HU
 
 CANDIDATE_FRACTION = 0.3  # of the 99.9th percentile of peak enhancement in the brain
 MIN_CLUSTER_MM3 = 2.0  # smaller bright clusters are noise or tiny vessels
@@ -250,12 +251,13 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
 
 
 def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
-               source: str = "image", clusters=None) -> VesselCurve | None:
+               source: str = "image", clusters=None, baseline=None) -> VesselCurve | None:
     """Pick the venous output function: the largest first-pass voxels of the largest late cluster.
 
     Late = peaking more than EARLY_WINDOW_S after the earliest (arterial) cluster. A venous
     sinus is wide, so its centre is free of partial volume; its curve area is the reference
-    for the AIF's. Returns None when no late cluster exists. ``clusters`` as for ``select_aif``.
+    for the AIF's. Returns None when no late cluster exists. ``clusters`` as for ``select_aif``;
+    ``baseline``: the unenhanced image (HU), to keep the VOF away from bone.
     """
     times = np.asarray(times, float)
     candidates, cluster_of, cluster_ttp, _, first_pass = clusters or vessel_clusters(
@@ -273,6 +275,15 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     curves = enhancement[members]
     tail = tail_level(curves) / curves.max(axis=1)
     common = np.abs(tail - np.median(tail)) <= VOF_TAIL_TOLERANCE
+    if not common.any():  # two groups of tails, none at their median: no level to prefer
+        common[:] = True
+    if baseline is not None and (baseline > BONE_HU).any():
+        # and in the sinus' half farthest from bone: the sinus runs along the skull, and next
+        # to bone the motion correction's interpolation across thick slices adds bone HU to
+        # the whole curve (0.05 mm of through-plane motion: +12 HU), inflating its area
+        from_bone = ndimage.distance_transform_edt(baseline <= BONE_HU, sampling=spacing)
+        from_bone = from_bone[tuple(voxels[members].T)]
+        common &= from_bone >= np.median(from_bone[common])
     return vessel_curve(enhancement, voxels, _strongest(members[common], area[common]), times)
 
 
