@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 TARGET_NOISE_HU = 0.8  # residual per-frame noise the smoothing aims for
-SIGMA_RANGE_MM = (1.0, 3.0)  # spatial Gaussian sigma bounds; neighbourhood truncated at 2 sigma
+SIGMA_RANGE_MM = (1.0, 4.5)  # spatial Gaussian sigma bounds; neighbourhood truncated at 2 sigma
 SOFT_TISSUE_HU = (-50.0, 150.0)  # voxels used to estimate the noise
 BASELINE_SIGMA_MM = 2.0  # spatial sigma of the baseline image's own denoising
 AIR_HU = -500.0  # time-averaged voxels below this are air, left unsmoothed
