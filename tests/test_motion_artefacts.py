@@ -67,11 +67,13 @@ def test_slice_displacement_and_residual_regressor():
     baseline = np.zeros(shape, np.float32)
     baseline[:, :, 3:] = 1000.0  # bone above slice 3
     brain = np.ones(shape, bool)
-    regressor = mo.residual_motion_regressor(params, baseline, spacing, brain, 2)
+    regressor = mo.residual_motion_regressor(params, mo.edge_strength(baseline, spacing), spacing,
+                                            brain, 2)
     near = (voxels[:, 2] == 2) | (voxels[:, 2] == 3)
     np.testing.assert_allclose(regressor[near][:, 2:], 1.5, atol=1e-5)
     assert not regressor[~near].any()
-    assert mo.residual_motion_regressor(np.zeros((4, 6)), baseline, spacing, brain, 2) is None
+    assert mo.residual_motion_regressor(np.zeros((4, 6)), mo.edge_strength(baseline, spacing),
+                                        spacing, brain, 2) is None
 
 
 @pytest.mark.parametrize("shape", ["box", "exponential"])
@@ -90,7 +92,8 @@ def test_weights_keep_a_nonlinear_motion_artefact_out_of_the_fit(shape):
     baseline[:, :, 2] = 80.0  # voxel (1, 1, 1): 40 HU/mm along k
     brain = np.zeros(baseline.shape, bool)
     brain[1, 1, 1] = True
-    weights = mo.artefact_weights(shift[None], baseline, (1.0, 1.0, 1.0), brain, noise_sd=1.0)
+    weights = mo.artefact_weights(shift[None], mo.edge_strength(baseline, (1.0, 1.0, 1.0))[brain],
+                                  noise_sd=1.0)
     assert weights[0, 0] == 1.0 and weights[0, 30] < 0.001
 
     def fitted(**kw):

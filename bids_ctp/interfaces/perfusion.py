@@ -384,10 +384,7 @@ class Deconvolve(SimpleInterface):
         aif = np.asarray(self.inputs.aif, float)
         shape = "none (model-free)"
         if self.inputs.method == "nlr":
-            nuisance = _motion_regressor(self.inputs, brain, baseline)
-            weights = None if nuisance is None else motion.artefact_weights(
-                nuisance, baseline, images.spacing(self.inputs.in_file), brain,
-                preprocess.estimate_noise(tissue))
+            nuisance, weights = _motion_artefact_model(self.inputs, brain, baseline, tissue)
             shape, _ = deconvolution.select_residue_shape(tissue, times, times, aif,
                                                           nuisance=nuisance, weights=weights)
             flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape,
@@ -450,14 +447,20 @@ def _fill(brain: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _motion_regressor(inputs, brain, baseline):
-    """``motion.residual_motion_regressor`` of this series, or None (no motion input or a
-    still head)."""
+def _motion_artefact_model(inputs, brain, baseline, tissue):
+    """``motion.residual_motion_regressor`` of this series and its ``motion.artefact_weights``,
+    or (None, None) (no motion input or a still head)."""
     if not isdefined(inputs.motion_parameters) or not np.any(inputs.motion_parameters):
-        return None
-    return motion.residual_motion_regressor(
-        inputs.motion_parameters, baseline, images.spacing(inputs.in_file),
-        brain, inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1)
+        return None, None
+    spacing = images.spacing(inputs.in_file)
+    edge = motion.edge_strength(baseline, spacing)
+    regressor = motion.residual_motion_regressor(
+        inputs.motion_parameters, edge, spacing, brain,
+        inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1)
+    if regressor is None:
+        return None, None
+    return regressor, motion.artefact_weights(regressor, edge[brain],
+                                              preprocess.estimate_noise(tissue))
 
 
 def _enhancement(inputs):

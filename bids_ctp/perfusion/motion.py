@@ -192,22 +192,27 @@ def slice_displacement(parameters, shape, spacing, voxels) -> np.ndarray:
     return out
 
 
-def residual_motion_regressor(parameters, baseline: np.ndarray, spacing, brain: np.ndarray,
+def edge_strength(baseline: np.ndarray, spacing) -> np.ndarray:
+    """|gradient| of the baseline image (HU/mm): the HU a displacement of 1 mm moves in or
+    out of each voxel, to first order."""
+    return np.linalg.norm(np.gradient(np.asarray(baseline, np.float32), *spacing), axis=0)
+
+
+def residual_motion_regressor(parameters, edge: np.ndarray, spacing, brain: np.ndarray,
                               baseline_frames: int, min_artefact_hu: float = 2.0):
     """Per-voxel nuisance regressor of the motion left after correction, or None.
 
     The regressor is ``slice_displacement`` minus its baseline mean (as for the enhancement
-    curves), kept only where the artefact can matter: where the baseline image's gradient
-    (HU/mm) times the largest displacement exceeds ``min_artefact_hu``, i.e. near skull, CSF
-    and vessel edges. Elsewhere (deep tissue) it is 0, so the fit there keeps all its degrees
-    of freedom. Returns the (n_brain, T) float32 regressor, or None when no voxel qualifies (a
-    still head).
+    curves), kept only where the artefact can matter: where ``edge`` (``edge_strength`` of the
+    baseline image, HU/mm) times the largest displacement exceeds ``min_artefact_hu``, i.e.
+    near skull, CSF and vessel edges. Elsewhere (deep tissue) it is 0, so the fit there keeps
+    all its degrees of freedom. Returns the (n_brain, T) float32 regressor, or None when no
+    voxel qualifies (a still head).
     """
     voxels = np.argwhere(brain)
     shift = slice_displacement(parameters, brain.shape, spacing, voxels)
     reach = np.abs(shift).max(axis=1)
-    gradient = np.linalg.norm(np.gradient(np.asarray(baseline, np.float32), *spacing), axis=0)
-    clean = gradient[brain] * reach < min_artefact_hu
+    clean = edge[brain] * reach < min_artefact_hu
     if clean.all():
         return None
     shift -= shift[:, : max(1, int(baseline_frames))].mean(axis=1, keepdims=True)
@@ -215,23 +220,22 @@ def residual_motion_regressor(parameters, baseline: np.ndarray, spacing, brain: 
     return shift
 
 
-def artefact_weights(regressor: np.ndarray, baseline: np.ndarray, spacing, brain: np.ndarray,
-                     noise_sd: float) -> np.ndarray:
+def artefact_weights(regressor: np.ndarray, edge: np.ndarray, noise_sd: float) -> np.ndarray:
     """Per-voxel frame weights (n_brain, T) for the perfusion fit: 1 / (1 + (a / noise_sd)²).
 
-    a = ARTEFACT_FRACTION x |baseline gradient| (HU/mm) x |displacement from the baseline
-    position| (mm, ``regressor``) is the size of the first-order motion artefact, which the
-    regressor removes only in part: at cortex next to 1200 HU bone, 2 mm of through-plane
-    motion on 5 mm slices moves hundreds of HU in and out of a voxel whose bolus is 20 HU, and
-    the partial volume is not linear in the displacement once an edge crosses the slice. So a
-    frame counts as much as its expected error allows (weighted least squares with variance
-    noise² + a²), and such voxels are fitted mostly on their frames near the baseline
-    position. Voxels without a regressor (deep tissue) keep weight 1. On the 2 mm motion
-    phantoms (box residue) GM MTT went from +21 / +27 % to +9 / +23 %; 0.2 or 3 times the
-    linear artefact did worse.
+    a = ARTEFACT_FRACTION x ``edge`` (``edge_strength`` at each brain voxel, HU/mm) x
+    |displacement from the baseline position| (mm, ``regressor``) is the size of the
+    first-order motion artefact, which the regressor removes only in part: at cortex next to
+    1200 HU bone, 2 mm of through-plane motion on 5 mm slices moves hundreds of HU in and out
+    of a voxel whose bolus is 20 HU, and the partial volume is not linear in the displacement
+    once an edge crosses the slice. So a frame counts as much as its expected error allows
+    (weighted least squares with variance noise² + a²), and such voxels are fitted mostly on
+    their frames near the baseline position. Voxels without a regressor (deep tissue) keep
+    weight 1. On the 2 mm motion phantoms (box residue) GM MTT went from +21 / +27 % to
+    +9 / +23 %; 0.2 or 3 times the linear artefact did worse.
     """
-    gradient = np.linalg.norm(np.gradient(np.asarray(baseline, np.float32), *spacing), axis=0)
-    artefact = np.float32(ARTEFACT_FRACTION) * gradient[brain][:, None] * np.abs(regressor)
+    edge = np.float32(ARTEFACT_FRACTION) * np.asarray(edge, np.float32)[:, None]
+    artefact = edge * np.abs(regressor)
     return (1.0 / (1.0 + (artefact / np.float32(max(noise_sd, 1e-3))) ** 2)).astype(np.float32)
 
 
