@@ -283,6 +283,30 @@ def test_estimate_noise_ignores_bone_and_air():
     assert pp.estimate_noise(data.astype(np.float32)) == pytest.approx(5.0, rel=0.10)
 
 
+def test_relative_frame_noise_sees_interpolated_frames():
+    """Frames 15+ carry half the noise (as linearly interpolated frames after motion do)."""
+    rng = np.random.default_rng(7)
+    sd = np.where(np.arange(30) >= 15, 5.0, 10.0)
+    curves = (40.0 + rng.normal(0.0, 1.0, (20_000, 30)) * sd).astype(np.float32)
+    rel = pp.relative_frame_noise(curves)
+    # the series' noise is a median over all frames: ~7 HU here
+    np.testing.assert_allclose(rel[2:13] / rel[17:28].mean(), 2.0, rtol=0.08)
+    assert np.all(pp.relative_frame_noise(curves[:, :2]) == 1.0)
+
+
+def test_guide_weights_follow_the_bolus():
+    t = np.arange(40.0)
+    rng = np.random.default_rng(8)
+    bolus = 20.0 * gamma_variate(t, 10.0, 3.0, 2.0)
+    curves = (35.0 + bolus + rng.normal(0.0, 10.0, (5000, t.size))).astype(np.float32)
+    w = pp.guide_weights(curves)
+    assert w.sum() == pytest.approx(1.0)
+    assert w.min() >= (1 - pp.BOLUS_GUIDE_SHARE) / t.size - 1e-9  # the plain-mean part
+    assert abs(int(np.argmax(w)) - int(np.argmax(bolus))) <= 1
+    flat = (35.0 + rng.normal(0.0, 10.0, (5000, t.size))).astype(np.float32)
+    np.testing.assert_allclose(pp.guide_weights(flat), 1.0 / t.size)  # no bolus: plain mean
+
+
 def test_neighbourhood_scales_with_spacing():
     sigma = 1.2  # mm, neighbourhood radius 2.4 mm
     # lattice points with i^2 + j^2 <= 5.76 (1 mm) and <= 1.44 / 4 = 0.36 (2 mm): 21 and 5
@@ -340,10 +364,14 @@ def test_cross_bilateral_keeps_curve_shape():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cross_bilateral_keeps_core_apart_from_penumbra(seed):
-    """Same baseline, bolus 4 vs 10 HU (like ischemic core next to penumbra): the time-averaged
-    guide differs by only ~1.5 of its per-voxel noise units. A fixed range sigma (the filter
+    """Same baseline, bolus 4 vs 10 HU (like ischemic core next to penumbra): the plain time
+    average differs by only ~1.5 of its per-voxel noise units. A fixed range sigma (the filter
     before adaptive weights) mixed 35 % of the contrast into the rows next to the edge and 10 %
-    two to three rows away; adaptive weights measured 20-23 % and 3-5 %, with less noise."""
+    two to three rows away. Adaptive weights on the plain time average: 19-22 % next to the
+    edge, 5-6 % two to three rows away and 5-7 % four to five rows away at this sigma (4.3 mm),
+    interior noise 0.96-1.01 HU; with a quarter of the guide matched to the bolus: 11-12 %,
+    8-11 % and 7 %, noise 0.94-0.99 HU. The contrast leaked in all is about the same here; it
+    is spread over more rows with less at the edge."""
     rng = np.random.default_rng(seed)
     t = np.arange(40.0)
     bolus = gamma_variate(t, 5.0, 3.0, 2.0)
@@ -357,10 +385,11 @@ def test_cross_bilateral_keeps_core_apart_from_penumbra(seed):
     def mixed(rows):  # fraction of the contrast that leaked into these rows, averaged
         return np.mean([abs(float((out[r] - truth[r]).sum(-1).mean())) for r in rows]) / contrast
 
-    assert mixed([23, 24]) < 0.28
-    assert mixed([21, 22, 25, 26]) < 0.07
+    assert mixed([23, 24]) < 0.15
+    assert mixed([21, 22, 25, 26]) < 0.13
+    assert mixed([19, 20, 27, 28]) < 0.09
     interior = out[4:18] - truth[4:18]
-    assert interior.std() < 1.4 and abs(interior.mean()) < 0.1  # 10 HU brought below 1.4 HU
+    assert interior.std() < 1.05 and abs(interior.mean()) < 0.1  # 10 HU brought to ~1 HU
 
 
 # ====================================================================== aif

@@ -93,8 +93,8 @@ class WriteDerivatives(SimpleInterface):
             "BolusArrivalFrame": inp.arrival_frame,
             "BaselineFrames": list(range(inp.baseline_frames)),
             "EstimatedNoiseSD": round(inp.noise_sd, 3), "EstimatedNoiseSDUnits": "HU",
-            "SmoothingFilter": ("cross-bilateral, guided by the time-averaged image with adaptive "
-                                "weights (propagation-separation)"),
+            "SmoothingFilter": ("cross-bilateral with adaptive weights (propagation-separation), "
+                                "guided by a time average weighted half evenly, half by the bolus"),
             "SmoothingSigma": round(inp.sigma_mm, 3), "SmoothingSigmaUnits": "mm",
             "ValuesOutsideBrain": 0,
             # not BIDS "TimeZero" (a clock time in PET-BIDS): the origin of TTP and AIF times
