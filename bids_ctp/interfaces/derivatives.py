@@ -13,7 +13,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
 
 from bids_ctp import derivatives
 from bids_ctp.inputs import CTPInput
-from bids_ctp.perfusion import motion
+from bids_ctp.perfusion import motion, preprocess
 from bids_ctp.perfusion.maps import DESCRIPTIONS, UNITS
 
 MAP_NAMES = tuple(UNITS)
@@ -94,7 +94,8 @@ class WriteDerivatives(SimpleInterface):
             "BaselineFrames": list(range(inp.baseline_frames)),
             "EstimatedNoiseSD": round(inp.noise_sd, 3), "EstimatedNoiseSDUnits": "HU",
             "SmoothingFilter": ("cross-bilateral with adaptive weights (propagation-separation), "
-                                "guided by a time average weighted half evenly, half by the bolus"),
+                                "guided by a time average weighted partly by the bolus"),
+            "SmoothingGuideBolusShare": preprocess.BOLUS_GUIDE_SHARE,
             "SmoothingSigma": round(inp.sigma_mm, 3), "SmoothingSigmaUnits": "mm",
             "ValuesOutsideBrain": 0,
             # not BIDS "TimeZero" (a clock time in PET-BIDS): the origin of TTP and AIF times

@@ -3,8 +3,8 @@
 Filter choice: a cross (joint) bilateral filter whose range weights come from adaptive
 weights smoothing of the guide (propagation-separation, Polzehl & Spokoiny 2006). Every frame
 is averaged over a spatial Gaussian neighbourhood (sigma in mm, so the same anatomy is averaged
-at any pixel size), weighted by how similar the neighbours are in a guide image: a weighted
-time average, three quarters plain mean and a quarter matched to the bolus (``guide_weights``). That
+at any pixel size), weighted by how similar the neighbours are in a guide image: a time
+average whose frame weights are mostly even and partly matched to the bolus (``guide_weights``). That
 guide is itself smoothed in steps of growing neighbourhood, and neighbours are compared by the
 difference of their current estimates relative to its noise, which shrinks as the
 neighbourhoods grow. Skull, air, CSF, grey and white matter and vessels differ by far more than
