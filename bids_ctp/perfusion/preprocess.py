@@ -35,18 +35,21 @@ ADAPTIVE_AREA_GROWTH = 2.0  # neighbourhood area doubles per step (finer steps m
 # under 2 mm / 2 degree motion at 1.5 mm pixels from +1 to +8 %.
 BOLUS_GUIDE_SHARE = 0.25
 MIN_BOLUS_HU = 0.5  # median soft-tissue enhancement below which the guide is the plain mean
+NOISE_SAMPLE_VOXELS = 50_000  # soft-tissue curves the noise and bolus medians look at
 
 
 def _soft_tissue_curves(data: np.ndarray) -> np.ndarray:
-    """(n, T) curves of an even subsample of at most ~200 000 soft-tissue voxels.
+    """(n, T) curves of an even subsample of at most ~50 000 soft-tissue voxels.
 
     Random-free, and taken before copying any curve, so a whole-brain series is not
-    duplicated in memory; plenty for the medians below.
+    duplicated in memory. Plenty for the medians below (the median absolute deviation of
+    2.6 million residuals has a relative standard error of ~0.1 %); 260 000 curves took
+    0.6 s per median at the seed size.
     """
     mean = data.mean(axis=-1)
     soft = (mean > SOFT_TISSUE_HU[0]) & (mean < SOFT_TISSUE_HU[1])
     where = np.nonzero(soft if soft.any() else np.ones(mean.shape, dtype=bool))
-    step = max(1, where[0].size // 200_000)
+    step = max(1, -(-where[0].size // NOISE_SAMPLE_VOXELS))
     return np.asarray(data[tuple(axis[::step] for axis in where)], dtype=np.float32)
 
 
