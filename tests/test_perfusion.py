@@ -367,11 +367,12 @@ def test_cross_bilateral_keeps_core_apart_from_penumbra(seed):
     """Same baseline, bolus 4 vs 10 HU (like ischemic core next to penumbra): the plain time
     average differs by only ~1.5 of its per-voxel noise units. A fixed range sigma (the filter
     before adaptive weights) mixed 35 % of the contrast into the rows next to the edge and 10 %
-    two to three rows away. Adaptive weights on the plain time average: 19-22 % next to the
-    edge, 5-6 % two to three rows away and 5-7 % four to five rows away at this sigma (4.3 mm),
-    interior noise 0.96-1.01 HU; with a quarter of the guide matched to the bolus: 11-12 %,
-    8-11 % and 7 %, noise 0.94-0.99 HU. The contrast leaked in all is about the same here; it
-    is spread over more rows with less at the edge."""
+    two to three rows away. At this sigma (4.3 mm), contrast leaked into the rows next to the
+    edge / two to three rows in / four to five rows in, and the interior noise:
+    plain time average as guide, separation lambda 6: 19-22 / 5-6 / 5-7 %, 0.96-1.01 HU;
+    a quarter of the guide matched to the bolus, lambda 6: 11-12 / 8-11 / 7 %, 0.94-0.99 HU;
+    plain time average, lambda 9: 22-23 / 2-3 / 3-4 %, 0.69-0.72 HU;
+    a quarter matched, lambda 9 (the filter): 14 / 4 / 4-5 %, 0.69-0.73 HU."""
     rng = np.random.default_rng(seed)
     t = np.arange(40.0)
     bolus = gamma_variate(t, 5.0, 3.0, 2.0)
@@ -385,11 +386,11 @@ def test_cross_bilateral_keeps_core_apart_from_penumbra(seed):
     def mixed(rows):  # fraction of the contrast that leaked into these rows, averaged
         return np.mean([abs(float((out[r] - truth[r]).sum(-1).mean())) for r in rows]) / contrast
 
-    assert mixed([23, 24]) < 0.15
-    assert mixed([21, 22, 25, 26]) < 0.13
-    assert mixed([19, 20, 27, 28]) < 0.09
+    assert mixed([23, 24]) < 0.17
+    assert mixed([21, 22, 25, 26]) < 0.06
+    assert mixed([19, 20, 27, 28]) < 0.065
     interior = out[4:18] - truth[4:18]
-    assert interior.std() < 1.05 and abs(interior.mean()) < 0.1  # 10 HU brought to ~1 HU
+    assert interior.std() < 0.8 and abs(interior.mean()) < 0.1  # 10 HU brought to ~0.7 HU
 
 
 # ====================================================================== aif
