@@ -213,8 +213,9 @@ def test_motion_is_measured_flagged_and_corrected(moving_phantom, tmp_path):
 
     # measured (GM / WM / penumbra, truth volume-weighted): CBV -1 / +8 / +5 %, CBF -8 / +7 / +5 %,
     # MTT +7 / +2 / +1 % (GM MTT was +9 % with the plain time average as smoothing guide, a
-    # 0.8 HU target and separation lambda 6, +8.6 % before the fit weighted frames by their expected motion artefact,
-    # which took the 2 mm box-residue phantoms' GM MTT from +21 / +27 % to +9 / +23 %)
+    # 0.8 HU target and separation lambda 6, and +8.6 % before the fit weighted frames by their
+    # expected motion artefact, which took the 2 mm box-residue phantoms' GM MTT from +21 / +27 %
+    # to +9 / +23 %)
     for region in ("grey_matter", "white_matter", "penumbra"):
         assert error(True, "cbv", region) < 0.12, region
         assert error(True, "cbf", region) < 0.18, region

@@ -1,10 +1,10 @@
 """Noise estimation and edge-preserving, spacing-aware smoothing of the 4D CTP series.
 
-Filter choice: a cross (joint) bilateral filter whose range weights come from adaptive
-weights smoothing of the guide (propagation-separation, Polzehl & Spokoiny 2006). Every frame
-is averaged over a spatial Gaussian neighbourhood (sigma in mm, so the same anatomy is averaged
-at any pixel size), weighted by how similar the neighbours are in a guide image: a time
-average whose frame weights are mostly even and partly matched to the bolus (``guide_weights``). That
+Filter choice: a cross (joint) bilateral filter whose range weights come from adaptive weights
+smoothing of the guide (propagation-separation, Polzehl & Spokoiny 2006). Every frame is
+averaged over a spatial Gaussian neighbourhood (sigma in mm, so the same anatomy is averaged at
+any pixel size), weighted by how similar the neighbours are in a guide image: a time average
+whose frame weights are mostly even and partly matched to the bolus (``guide_weights``). That
 guide is itself smoothed in steps of growing neighbourhood, and neighbours are compared by the
 difference of their current estimates relative to its noise, which shrinks as the
 neighbourhoods grow. Skull, air, CSF, grey and white matter and vessels differ by far more than
@@ -167,8 +167,8 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
     sample = _soft_tissue_curves(data)
     frame_weights = guide_weights(sample)
     guide = data @ frame_weights.astype(np.float32)
-    guide_var = max(noise_sd ** 2 * float(np.sum((frame_weights * relative_frame_noise(sample)) ** 2)),
-                    1e-6)
+    frame_sd = noise_sd * relative_frame_noise(sample)
+    guide_var = max(float(np.sum((frame_weights * frame_sd) ** 2)), 1e-6)
     out = data.copy()
     # Air around the head needs no smoothing: work inside the head's bounding box only.
     head = np.argwhere((guide > AIR_HU).any(axis=2))
