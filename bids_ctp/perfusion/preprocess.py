@@ -160,11 +160,11 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
     frames of (weight x ``relative_frame_noise``)².
     """
     data = np.asarray(data, dtype=np.float32)
+    sample = _soft_tissue_curves(data)
     if noise_sd is None:
-        noise_sd = estimate_noise(data)
+        noise_sd = float(_noise_sd(sample))  # estimate_noise(data), without sampling again
     if sigma_mm is None:
         sigma_mm = smoothing_sigma(noise_sd, spacing)
-    sample = _soft_tissue_curves(data)
     frame_weights = guide_weights(sample)
     # einsum: 8x faster than @ on the Fortran-ordered series nibabel loads
     guide = np.einsum("...t,t->...", data, frame_weights.astype(np.float32))
