@@ -70,7 +70,8 @@ def test_slice_displacement_and_residual_regressor():
     regressor = mo.residual_motion_regressor(params, mo.edge_strength(baseline, spacing), spacing,
                                             brain, 2)
     near = (voxels[:, 2] == 2) | (voxels[:, 2] == 3)
-    np.testing.assert_allclose(regressor[near][:, 2:], 1.5, atol=1e-5)
+    assert regressor.shape == (len(voxels), 1, 4)  # no scene: the displacement alone
+    np.testing.assert_allclose(regressor[near][:, 0, 2:], 1.5, atol=1e-5)
     assert not regressor[~near].any()
     assert mo.residual_motion_regressor(np.zeros((4, 6)), mo.edge_strength(baseline, spacing),
                                         spacing, brain, 2) is None
@@ -105,3 +106,41 @@ def test_weights_keep_a_nonlinear_motion_artefact_out_of_the_fit(shape):
     cbf_err, mtt_err, delay = fitted(nuisance=shift[None], weights=weights)
     assert abs(cbf_err) < 0.10 and abs(mtt_err) < 0.20
     assert delay == pytest.approx(1.0, abs=0.3)
+
+
+def test_round_trip_blurs_an_edge_by_the_subvoxel_part_of_the_shift():
+    scene = np.where(np.arange(20) >= 10, 1000.0, 0.0)[:, None, None] * np.ones((20, 6, 6))
+    half = mo.round_trip(scene, (1.0, 1.0, 1.0), [0, 0, 0, 0.5, 0, 0])[:, 3, 3]
+    np.testing.assert_allclose(half[8:12], [0.0, 250.0, 750.0, 1000.0], atol=1e-3)
+    whole = mo.round_trip(scene, (1.0, 1.0, 1.0), [0, 0, 0, 1.0, 0, 0])[:, 3, 3]
+    np.testing.assert_allclose(whole, scene[:, 3, 3], atol=1e-3)
+
+
+def test_round_trip_regressor_removes_the_interpolation_artefact():
+    """Cortex one 5 mm slice below bone, the head drifting up to 2 mm through the slices: the
+    correction's interpolation there and back adds up to 0.24 x 970 HU, not quite linearly in
+    the displacement. Measured (CBF / MTT): displacement regressor alone +3 / +243 %, with the
+    round-trip regressor too +1.4 / -0.7 %."""
+    spacing = (1.0, 1.0, 5.0)
+    scene = np.full((6, 6, 6), 30.0, np.float32)
+    scene[:, :, 3:] = 1000.0  # bone from slice 3
+    brain = np.zeros(scene.shape, bool)
+    brain[3, 3, 2] = True
+    params = np.zeros((TIMES.size, 6))
+    params[:, 5] = 1.2 * TIMES / TIMES[-1] + np.where(TIMES >= 24, 0.8, 0.0)
+    artefact = np.array([mo.round_trip(scene, spacing, p)[3, 3, 2] for p in params])
+    artefact -= artefact[:3].mean()  # enhancement is relative to the 3 baseline frames
+    cbf, cbv = 60.0, 4.0
+    tissue = (tissue_enhancement(TIMES, cbf, cbv, 1.0, "exponential") + artefact)[None]
+    edge = mo.edge_strength(scene, spacing)
+    aif = arterial_input(TIMES)
+
+    def errors(scene_or_none):
+        regressors = mo.residual_motion_regressor(params, edge, spacing, brain, 3, scene_or_none)
+        weights = mo.artefact_weights(regressors, edge[brain], noise_sd=1.0)
+        flow, _, mtt = dc.fit_model(tissue, TIMES, TIMES, aif, nuisance=regressors,
+                                    weights=weights)
+        return flow[0] * 6000 * 0.73 / 1.05 / cbf - 1, mtt[0] / (60 * cbv / cbf) - 1
+
+    assert max(np.abs(errors(None))) > 0.3
+    assert max(np.abs(errors(scene))) < 0.03

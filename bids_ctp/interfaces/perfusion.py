@@ -93,6 +93,8 @@ class _MotionOutput(TraitedSpec):
                              "translations (mm) mapping the reference onto the frame")
     framewise_displacement = traits.List(traits.Float, desc="mm, relative to previous frame")
     qc_flags = traits.List(traits.Str, desc="problems to show in sidecars and reports")
+    noise_sd = traits.Float(desc="noise SD (HU) in soft tissue of the series as acquired")
+    frame_noise_sd = traits.List(traits.Float, desc="the same per frame (HU)")
 
 
 class MotionCorrection(SimpleInterface):
@@ -113,6 +115,9 @@ class MotionCorrection(SimpleInterface):
             # would drive the registration (0.6 mm of invented motion on a still test object)
             flags.append("motion correction skipped: no skull in the first frame "
                          f"(< {mask.MIN_SKULL_ML:g} mL of bone) to register on")
+        # noise of the series as acquired: after correction its voxels understate it
+        noise_sd, frame_sd = preprocess.frame_noise(data)
+        self._results["noise_sd"], self._results["frame_noise_sd"] = noise_sd, frame_sd.tolist()
         if self.inputs.enabled and not flags:
             result = motion.correct_motion(data, spacing, n_threads=self.inputs.n_threads)
             data = result.corrected
@@ -133,6 +138,9 @@ class MotionCorrection(SimpleInterface):
 
 class _SmoothInput(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
+    noise_sd = traits.Float(requires=["frame_noise_sd"],
+                            desc="noise SD (HU) of the series as acquired; default: of in_file")
+    frame_noise_sd = traits.List(traits.Float, desc="the same per frame (HU)")
     sigma_mm = traits.Float(desc="spatial sigma (mm); default: adapted to the noise")
     n_threads = traits.Int(1, usedefault=True)
 
@@ -151,11 +159,15 @@ class SmoothCTP(SimpleInterface):
 
     def _run_interface(self, runtime):
         data = images.load(self.inputs.in_file)
-        noise = preprocess.estimate_noise(data)
+        if isdefined(self.inputs.noise_sd):
+            noise, frame_sd = self.inputs.noise_sd, self.inputs.frame_noise_sd
+        else:
+            noise, frame_sd = preprocess.frame_noise(data)
         spacing = images.spacing(self.inputs.in_file)
         sigma = (self.inputs.sigma_mm if isdefined(self.inputs.sigma_mm)
                  else preprocess.smoothing_sigma(noise, spacing))
-        smoothed = preprocess.cross_bilateral(data, spacing, sigma, noise, self.inputs.n_threads)
+        smoothed = preprocess.cross_bilateral(data, spacing, sigma, noise, self.inputs.n_threads,
+                                              frame_sd)
         self._results["sigma_mm"] = sigma
         self._results["out_file"] = images.save_like(smoothed, self.inputs.in_file,
                                                      "ctp_smooth.nii")
@@ -280,7 +292,7 @@ class SelectVessels(SimpleInterface):
     def _run_interface(self, runtime):
         inp = self.inputs
         times = np.asarray(inp.frame_times) - inp.frame_times[0]  # as for TTP
-        brain, tissue, baseline = _enhancement(inp)
+        brain, tissue, baseline, _ = _enhancement(inp)
         voxels = np.argwhere(brain)
         spacing = images.spacing(inp.mask)
         search = (tissue, voxels, brain.shape, times, spacing, inp.source)
@@ -379,12 +391,13 @@ class Deconvolve(SimpleInterface):
     output_spec = _DeconvOutput
 
     def _run_interface(self, runtime):
-        brain, tissue, baseline = _enhancement(self.inputs)
+        brain, tissue, baseline, scene = _enhancement(self.inputs)
         times = np.asarray(self.inputs.frame_times, float)
         aif = np.asarray(self.inputs.aif, float)
         shape = "none (model-free)"
         if self.inputs.method == "nlr":
-            nuisance, weights = _motion_artefact_model(self.inputs, brain, baseline, tissue)
+            nuisance, weights = _motion_artefact_model(self.inputs, brain, baseline, scene,
+                                                       tissue)
             shape, _ = deconvolution.select_residue_shape(tissue, times, times, aif,
                                                           nuisance=nuisance, weights=weights)
             flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape,
@@ -447,7 +460,7 @@ def _fill(brain: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _motion_artefact_model(inputs, brain, baseline, tissue):
+def _motion_artefact_model(inputs, brain, baseline, scene, tissue):
     """``motion.residual_motion_regressor`` of this series and its ``motion.artefact_weights``,
     or (None, None) (no motion input or a still head)."""
     if not isdefined(inputs.motion_parameters) or not np.any(inputs.motion_parameters):
@@ -456,7 +469,7 @@ def _motion_artefact_model(inputs, brain, baseline, tissue):
     edge = motion.edge_strength(baseline, spacing)
     regressor = motion.residual_motion_regressor(
         inputs.motion_parameters, edge, spacing, brain,
-        inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1)
+        inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1, scene)
     if regressor is None:
         return None, None
     return regressor, motion.artefact_weights(regressor, edge[brain],
@@ -464,9 +477,12 @@ def _motion_artefact_model(inputs, brain, baseline, tissue):
 
 
 def _enhancement(inputs):
-    """Brain mask, the (n_brain_voxels, n_frames) enhancement curves in HU and the baseline
-    image they are relative to."""
+    """Brain mask, the (n_brain_voxels, n_frames) enhancement curves in HU, the baseline
+    image they are relative to (brain only) and the unenhanced head over the whole grid, bone
+    included (mean of the baseline frames)."""
     brain = images.load(inputs.mask, bool)
     data = images.load(inputs.in_file)
     base = images.load(inputs.baseline)
-    return brain, data[brain] - base[brain][:, None], base
+    n_baseline = inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1
+    scene = data[..., : max(1, n_baseline)].mean(axis=-1)
+    return brain, data[brain] - base[brain][:, None], base, scene

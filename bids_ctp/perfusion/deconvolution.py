@@ -330,7 +330,7 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     a voxel no family fits (a motion-damaged edge, where the residual is not noise) then cannot
     outvote thousands of ordinary ones. Summed explained squares over all voxels picked the box
     family for exponential tissue under 2 mm head motion, and the exponential one for box
-    tissue. ``nuisance``, ``weights``: the per-voxel motion regressor and frame weights of
+    tissue. ``nuisance``, ``weights``: the per-voxel motion regressors and frame weights of
     :func:`fit_model`. Vessel curves are left out so they do not dominate.
     """
     tissue = np.asarray(tissue, dtype=np.float32)
@@ -339,11 +339,11 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
         keep[:] = True
     step = max(1, int(keep.sum()) // SHAPE_SELECTION_VOXELS)
     tissue = tissue[keep][::step]
-    if nuisance is not None:
-        nuisance = np.asarray(nuisance, dtype=np.float32)[keep][::step]
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float32)[keep][::step]
-    # what the regressor alone explains is no family's residual
+    if nuisance is not None:
+        nuisance = _orthonormal(np.asarray(nuisance)[keep][::step], weights)
+    # what the regressors alone explain is no family's residual
     residual = tissue if nuisance is None else _without_regressor(tissue, nuisance, weights)
     total = np.einsum("ij,ij->i", residual if weights is None else weights * residual, residual)
     rss = []
@@ -361,22 +361,42 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     return max(scores, key=scores.get), scores
 
 
-def _without_regressor(curves, regressor, weights=None):
-    """Each curve minus its (weighted) least-squares projection on its own regressor row (rows
-    whose regressor is 0 unchanged)."""
-    wr = regressor if weights is None else weights * regressor
-    uu = np.einsum("ij,ij->i", wr, regressor)
-    coef = np.einsum("ij,ij->i", curves, wr) / np.where(uu > 0, uu, 1.0)
-    return curves - coef.astype(curves.dtype)[:, None] * regressor
+def _orthonormal(nuisance, weights=None):
+    """Per-voxel nuisance regressors (voxels, frames) or (voxels, k, frames), made orthonormal
+    under each voxel's weights (Gram-Schmidt), as (voxels, k, frames). Rows that are 0, or that
+    the earlier regressors already span, come out 0."""
+    q = np.array(nuisance, dtype=np.float32)
+    if q.ndim == 2:
+        q = q[:, None]
+    w = np.ones_like(q[:, 0]) if weights is None else np.asarray(weights, np.float32)
+    for i in range(q.shape[1]):
+        before = np.sqrt(np.einsum("ij,ij->i", w * q[:, i], q[:, i]))
+        for j in range(i):
+            q[:, i] -= np.einsum("ij,ij->i", w * q[:, i], q[:, j])[:, None] * q[:, j]
+        norm = np.sqrt(np.einsum("ij,ij->i", w * q[:, i], q[:, i]))
+        ok = norm > 1e-3 * before
+        q[:, i] *= np.where(ok, 1.0 / np.where(ok, norm, 1.0), 0.0)[:, None]
+    return q
+
+
+def _without_regressor(curves, regressors, weights=None):
+    """Each curve minus its (weighted) least-squares projection on its own regressor rows
+    (``_orthonormal`` output; rows whose regressors are 0 unchanged)."""
+    out = curves
+    for i in range(regressors.shape[1]):
+        q = regressors[:, i]
+        wq = q if weights is None else weights * q
+        out = out - np.einsum("ij,ij->i", curves, wq).astype(curves.dtype)[:, None] * q
+    return out
 
 
 def _explained(tissue, basis, norm2, nuisance=None, weights=None):
     """Per voxel and model curve: sum of squares the model explains, and its amplitude.
 
-    ``basis`` (curves, frames) is shared by all voxels, ``norm2`` its squared norms. With a
-    nuisance regressor per voxel (one row per voxel, same frames), the model and the regressor
-    are fitted jointly and the score is what the model explains beyond the regressor (the
-    model curve and the tissue curve are both orthogonalised against it). With ``weights``
+    ``basis`` (curves, frames) is shared by all voxels, ``norm2`` its squared norms. With
+    nuisance regressors per voxel (``_orthonormal``, same frames), the model and the regressors
+    are fitted jointly and the score is what the model explains beyond them (the model curve
+    and the tissue curve are both orthogonalised against them). With ``weights``
     (voxels, frames), the least squares are weighted (frames a voxel's motion artefact may
     dominate count less): every inner product becomes sum_t w_t a_t b_t, two matrix products
     instead of one. Negative amplitudes score 0.
@@ -388,11 +408,12 @@ def _explained(tissue, basis, norm2, nuisance=None, weights=None):
     residual = tissue if nuisance is None else _without_regressor(tissue, nuisance, weights)
     proj = (residual if weights is None else weights * residual) @ basis.T  # (voxels, curves)
     if nuisance is not None:
-        wr = nuisance if weights is None else weights * nuisance
-        uu = np.einsum("ij,ij->i", wr, nuisance)
-        inv = np.where(uu > 0, 1.0 / np.maximum(uu, 1e-12), 0.0).astype(np.float32)[:, None]
-        cross = wr @ basis.T  # regressor · model curve
-        norm2 = np.maximum(norm2 - cross * cross * inv, 1e-6 * norm2)
+        reduced = norm2
+        for i in range(nuisance.shape[1]):
+            q = nuisance[:, i]
+            cross = (q if weights is None else weights * q) @ basis.T  # regressor · model curve
+            reduced = reduced - cross * cross
+        norm2 = np.maximum(reduced, 1e-6 * norm2)
     amplitude = proj / norm2
     return np.where(amplitude > 0, proj * amplitude, 0.0), amplitude
 
@@ -435,9 +456,10 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     to quadratic over the stencil. The local grid has ``LOCAL_SPLIT`` times the coarse
     resolution and reaches ``LOCAL_REACH`` of its steps on each side; its delays are read from
     a basis ``BASIS_DELAY_SPLIT`` times finer than the coarse grid.
-    ``nuisance``: optional (voxels, frames) regressor fitted jointly, one per voxel (the
-    residual head-motion artefact, see ``motion.slice_displacement``); ``weights``: optional
-    (voxels, frames) weights of a weighted least-squares fit (``motion.artefact_weights``).
+    ``nuisance``: optional (voxels, frames) or (voxels, k, frames) regressors fitted jointly,
+    per voxel (the residual head-motion artefact, ``motion.residual_motion_regressor``);
+    ``weights``: optional (voxels, frames) weights of a weighted least-squares fit
+    (``motion.artefact_weights``).
     Returns ``flow`` (k_max, 1/s), ``delay`` (s; the Tmax, as every family's residue is
     largest at τ = 0) and ``mtt`` (s).
     """
@@ -476,10 +498,10 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
                 fine_norm2[di, dj].ravel(), c, local_mtt, kappa)
 
     tissue = np.asarray(tissue, dtype=np.float32)
-    if nuisance is not None:
-        nuisance = np.asarray(nuisance, dtype=np.float32)
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float32)
+    if nuisance is not None:
+        nuisance = _orthonormal(nuisance, weights)
 
     def rows_of(array, rows):
         return None if array is None else array[rows]

@@ -198,16 +198,33 @@ def edge_strength(baseline: np.ndarray, spacing) -> np.ndarray:
     return np.linalg.norm(np.gradient(np.asarray(baseline, np.float32), *spacing), axis=0)
 
 
-def residual_motion_regressor(parameters, edge: np.ndarray, spacing, brain: np.ndarray,
-                              baseline_frames: int, min_artefact_hu: float = 2.0):
-    """Per-voxel nuisance regressor of the motion left after correction, or None.
+def round_trip(volume: np.ndarray, spacing, parameters, n_threads: int = 1) -> np.ndarray:
+    """``volume`` moved by a frame's motion and resampled back, as ``correct_motion`` does
+    (linear interpolation both ways; where either step falls outside the grid, ``volume``)."""
+    there = apply_rigid(volume, spacing, parameters, default=np.nan, inverse=True,
+                        n_threads=n_threads)
+    back = apply_rigid(there, spacing, parameters, default=np.nan, n_threads=n_threads)
+    return np.where(np.isfinite(back), back, volume)
 
-    The regressor is ``slice_displacement`` minus its baseline mean (as for the enhancement
-    curves), kept only where the artefact can matter: where ``edge`` (``edge_strength`` of the
-    baseline image, HU/mm) times the largest displacement exceeds ``min_artefact_hu``, i.e.
-    near skull, CSF and vessel edges. Elsewhere (deep tissue) it is 0, so the fit there keeps
-    all its degrees of freedom. Returns the (n_brain, T) float32 regressor, or None when no
-    voxel qualifies (a still head).
+
+def residual_motion_regressor(parameters, edge: np.ndarray, spacing, brain: np.ndarray,
+                              baseline_frames: int, scene: np.ndarray | None = None,
+                              min_artefact_hu: float = 2.0, n_threads: int = 1):
+    """Per-voxel nuisance regressors of the motion left after correction, or None.
+
+    1. ``slice_displacement``: the slab of a thick slice holds other tissue.
+    2. With ``scene`` (the unenhanced head over the whole grid, bone included): what the
+       correction's interpolation does to it, ``round_trip(scene) - scene``. Resampling there
+       and back blurs an edge as a function of the sub-voxel part of the shift, not linearly
+       in it: next to bone that is tens of HU, as large as the bolus. On the 2 mm motion
+       phantoms grey-matter MTT went from +15 to +8 % (oblique box residue) and the
+       per-voxel error in grey matter fell by a tenth; on a head moved by interpolation
+       alone (how a phantom without a slab model moves it) GM CBF went from +6 to 0 %.
+    Each minus its baseline mean (as for the enhancement curves), kept only where the
+    artefact can matter: where ``edge`` (``edge_strength`` of the baseline image, HU/mm) times
+    the largest displacement exceeds ``min_artefact_hu``, i.e. near skull, CSF and vessel
+    edges. Elsewhere (deep tissue) they are 0, so the fit there keeps all its degrees of
+    freedom. Returns (n_brain, k, T) float32, or None when no voxel qualifies (a still head).
     """
     voxels = np.argwhere(brain)
     shift = slice_displacement(parameters, brain.shape, spacing, voxels)
@@ -215,16 +232,24 @@ def residual_motion_regressor(parameters, edge: np.ndarray, spacing, brain: np.n
     clean = edge[brain] * reach < min_artefact_hu
     if clean.all():
         return None
-    shift -= shift[:, : max(1, int(baseline_frames))].mean(axis=1, keepdims=True)
-    shift[clean] = 0.0
-    return shift
+    regressors = [shift]
+    if scene is not None:
+        blur = np.zeros_like(shift)
+        for t, p in enumerate(np.asarray(parameters, float)):
+            if np.any(p):
+                blur[:, t] = (round_trip(scene, spacing, p, n_threads) - scene)[brain]
+        regressors.append(blur)
+    regressors = np.stack(regressors, axis=1)
+    regressors -= regressors[..., : max(1, int(baseline_frames))].mean(axis=2, keepdims=True)
+    regressors[clean] = 0.0
+    return regressors
 
 
 def artefact_weights(regressor: np.ndarray, edge: np.ndarray, noise_sd: float) -> np.ndarray:
     """Per-voxel frame weights (n_brain, T) for the perfusion fit: 1 / (1 + (a / noise_sd)²).
 
     a = ARTEFACT_FRACTION x ``edge`` (``edge_strength`` at each brain voxel, HU/mm) x
-    |displacement from the baseline position| (mm, ``regressor``) is the size of the
+    |displacement from the baseline position| (mm, ``regressor``'s first row) is the size of the
     first-order motion artefact, which the regressor removes only in part: at cortex next to
     1200 HU bone, 2 mm of through-plane motion on 5 mm slices moves hundreds of HU in and out
     of a voxel whose bolus is 20 HU, and the partial volume is not linear in the displacement
@@ -234,6 +259,8 @@ def artefact_weights(regressor: np.ndarray, edge: np.ndarray, noise_sd: float) -
     weight 1. On the 2 mm motion phantoms (box residue) GM MTT went from +21 / +27 % to
     +9 / +23 %; 0.2 or 3 times the linear artefact did worse.
     """
+    if regressor.ndim == 3:  # the displacement, as above
+        regressor = regressor[:, 0]
     edge = np.float32(ARTEFACT_FRACTION) * np.asarray(edge, np.float32)[:, None]
     artefact = edge * np.abs(regressor)
     return (1.0 / (1.0 + (artefact / np.float32(max(noise_sd, 1e-3))) ** 2)).astype(np.float32)

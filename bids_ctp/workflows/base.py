@@ -85,7 +85,8 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
 
     wf.connect([
         (load, moco, [("out_file", "in_file")]),
-        (moco, smooth, [("out_file", "in_file")]),
+        (moco, smooth, [("out_file", "in_file"), ("noise_sd", "noise_sd"),
+                        ("frame_noise_sd", "frame_noise_sd")]),
         (moco, brain, [("mean_file", "mean_file")]),
         (moco, write, [("parameters", "motion_parameters"),
                        ("framewise_displacement", "framewise_displacement"),
