@@ -233,6 +233,11 @@ def test_motion_option(tmp_path):
     # motion=0 is the motion-free dataset, bit for bit.
     ds = make_dataset(tmp_path / "zero", shape=(40, 40, 3), spacing=(5, 5, 5), n_frames=6, seed=2, motion=0.0)
     assert np.array_equal(np.asanyarray(nib.load(ds.images[0].ctp).dataobj), still)
+    # sub-voxels as large as the voxels: the grid itself is moved, frame 0 is the still one
+    assert main([str(tmp_path / "grid"), *args, "--motion", "1.5", "--motion-subvoxel", "5"]) == 0
+    grid = np.asanyarray(nib.load(tmp_path / "grid/sub-01/ct/sub-01_ctp.nii.gz").dataobj)
+    assert np.array_equal(grid[..., 0], still[..., 0]) and not np.array_equal(grid[..., 0], moved[..., 0])
+    assert not np.array_equal(grid[..., -1], still[..., -1])
 
 
 def test_motion_phantom_truth_is_volume_weighted(tmp_path):

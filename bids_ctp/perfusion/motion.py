@@ -139,12 +139,14 @@ def apply_rigid(volume: np.ndarray, spacing, parameters, default: float = AIR_HU
     return _resample(img, tx, default, n_threads)
 
 
-def _resample(img: sitk.Image, tx, default: float, n_threads: int) -> np.ndarray:
+def _resample(img: sitk.Image, tx, default: float, n_threads: int,
+              extrapolate: bool = False) -> np.ndarray:
     f = sitk.ResampleImageFilter()
     f.SetReferenceImage(img)
     f.SetTransform(tx)
     f.SetInterpolator(sitk.sitkLinear)
     f.SetDefaultPixelValue(float(default))
+    f.SetUseNearestNeighborExtrapolator(extrapolate)
     f.SetOutputPixelType(sitk.sitkFloat32)
     f.SetNumberOfThreads(max(1, int(n_threads)))
     return sitk.GetArrayFromImage(f.Execute(img)).T
@@ -199,12 +201,14 @@ def edge_strength(baseline: np.ndarray, spacing) -> np.ndarray:
 
 
 def round_trip(volume: np.ndarray, spacing, parameters, n_threads: int = 1) -> np.ndarray:
-    """``volume`` moved by a frame's motion and resampled back, as ``correct_motion`` does
-    (linear interpolation both ways; where either step falls outside the grid, ``volume``)."""
-    there = apply_rigid(volume, spacing, parameters, default=np.nan, inverse=True,
-                        n_threads=n_threads)
-    back = apply_rigid(there, spacing, parameters, default=np.nan, n_threads=n_threads)
-    return np.where(np.isfinite(back), back, volume)
+    """``volume`` moved by a frame's motion (linear interpolation; beyond the grid, its
+    nearest voxel), then corrected as ``correct_motion`` does (linear interpolation back;
+    where that falls outside the grid, the moved value)."""
+    img = to_image(volume, spacing)
+    there = _resample(img, rigid_transform(parameters).GetInverse(), 0.0, n_threads,
+                      extrapolate=True)
+    back = _resample(to_image(there, spacing), rigid_transform(parameters), np.nan, n_threads)
+    return np.where(np.isfinite(back), back, there)
 
 
 def residual_motion_regressor(parameters, edge: np.ndarray, spacing, brain: np.ndarray,

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 
 from ..errors import BidsCtpError
-from .dataset import LAYOUTS, ORIENTATIONS, make_dataset
+from .dataset import LAYOUTS, MOTION_SUBVOXEL_MM, ORIENTATIONS, make_dataset
 from .model import RESIDUE_SHAPES
 
 
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--motion", type=float, default=None, metavar="MM",
                    help="simulate rigid head motion (smooth drift plus two jerks) of up to MM mm translation and MM degrees "
                    "rotation; the truth goes to *_desc-groundtruth_motion.tsv (default: no motion)")
+    p.add_argument("--motion-subvoxel", type=float, default=MOTION_SUBVOXEL_MM, metavar="MM",
+                   help="sub-voxel size of the motion simulation (partial volume); a value of at least the largest "
+                   "spacing moves the voxel grid itself by linear interpolation, as a phantom without a partial-volume "
+                   "model would (default: %(default)s)")
     return p
 
 
@@ -50,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out, layout=args.layout, n_subjects=args.subjects, seed=args.seed, shape=args.shape,
             spacing=args.spacing, n_frames=args.frames, frame_interval=args.frame_interval, nonuniform=args.nonuniform,
             noise_hu=args.noise, orientation=args.orientation, residue=args.residue, sessions=args.sessions,
-            motion=args.motion,
+            motion=args.motion, motion_subvoxel_mm=args.motion_subvoxel,
         )
     except BidsCtpError as err:
         print(f"bids_ctp-phantom: error: {err}", file=sys.stderr)

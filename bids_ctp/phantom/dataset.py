@@ -27,8 +27,8 @@ Head motion (``motion=MM``, off by default): frame t shows the head moved by a r
 transform T_t (frame 0: identity), a smooth drift plus two jerks (see
 :func:`motion_trajectory`), scaled so the largest translation is MM mm and the largest
 rotation MM degrees.  The noise-free frame is computed on a sub-voxel grid (at most
-``MOTION_SUBVOXEL_MM``) padded by the largest displacement (so anatomy outside the field of
-view can move in), resampled in float32 with linear interpolation and averaged over each
+``motion_subvoxel_mm``, default ``MOTION_SUBVOXEL_MM``) padded by the largest displacement
+(so anatomy outside the field of view can move in), resampled in float32 with linear interpolation and averaged over each
 voxel (partial volume, frame 0 too, so frame 0 differs slightly from the motion-free
 dataset at tissue edges), then noise is added (the same draws as without motion) and the frame
 rounded to int16.  So the CBF and CBV truth of a motion phantom is the mean over each voxel's
@@ -283,11 +283,15 @@ def make_dataset(
     sessions: bool = False,
     constants: PhantomConstants = CONSTANTS,
     motion: float | None = None,
+    motion_subvoxel_mm: float = MOTION_SUBVOXEL_MM,
 ) -> PhantomDataset:
     """Write the phantom BIDS dataset to ``out_dir`` and its ground truth to ``out_dir/derivatives/groundtruth``.
 
     ``motion``: simulate rigid head motion of about this many mm and degrees (see the
     module docstring); None or 0 writes exactly the motion-free dataset.
+    ``motion_subvoxel_mm``: the sub-voxel size of that simulation; at least the largest
+    spacing, the voxel grid itself is moved by linear interpolation (no partial-volume
+    model, as a simpler phantom would move a head).
     """
     if layout not in LAYOUTS:
         raise PhantomError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
@@ -308,6 +312,8 @@ def make_dataset(
     if motion is not None and not (np.isfinite(motion) and motion >= 0):
         raise PhantomError("motion needs a non-negative magnitude (mm and degrees)")
     motion = float(motion) if motion else None
+    if not (np.isfinite(motion_subvoxel_mm) and motion_subvoxel_mm > 0):
+        raise PhantomError("the motion sub-voxel size must be positive (mm)")
     times = frame_times(n_frames, frame_interval, nonuniform)
     t = np.asarray(times)
     intervals = np.diff(t)
@@ -330,7 +336,7 @@ def make_dataset(
         # moved, which no real series is.  The sub-voxel anatomy sits on a grid padded
         # (symmetrically, so the centre and the original voxels keep their positions) by
         # the largest displacement, so anatomy outside the field of view can move in.
-        sub = tuple(max(1, int(np.ceil(s / MOTION_SUBVOXEL_MM - 1e-9))) for s in spacing)
+        sub = tuple(max(1, int(np.ceil(s / motion_subvoxel_mm - 1e-9))) for s in spacing)
         fine_spacing = tuple(s / q for s, q in zip(spacing, sub))
         fine_shape = tuple(n * q for n, q in zip(shape, sub))
         half_extent = 0.5 * float(np.linalg.norm(np.asarray(shape) * np.asarray(spacing)))
@@ -438,7 +444,8 @@ def make_dataset(
             image.truth["motion"] = write_text(tdir / f"{prefix}_desc-groundtruth_motion.tsv", "\t".join(PARAMETER_NAMES) + "\n" + rows)
         image.truth["parameters"] = write_json(
             tdir / f"{prefix}_desc-groundtruth_parameters.json",
-            _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout, motion),
+            _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout, motion,
+                        motion_subvoxel_mm),
         )
         result.images.append(image)
     return result
@@ -465,7 +472,8 @@ def _write_dataset_files(root: Path, truth_root: Path, layout: str, n_subjects: 
     )
 
 
-def _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout, motion=None) -> dict:
+def _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, shape, spacing, orientation, affine, layout, motion=None,
+                motion_subvoxel_mm=MOTION_SUBVOXEL_MM) -> dict:
     truth = {
         an.LABELS[k]: {"index": k, "cbf": tr.cbf, "cbv": tr.cbv, "mtt": tr.mtt, "delay": tr.delay, "tmax": tr.delay, "ttp": ttp_by_label[k]}
         for k, tr in PERFUSION_TRUTH.items()
@@ -498,7 +506,7 @@ def _parameters(constants, ttp_by_label, residue, noise_hu, seed, index, times, 
             "Generator": f"numpy.random.default_rng([{seed}, {index}, 1])",
             "Convention": "Euler3DTransform (rot_x, rot_y, rot_z rad; trans_x, trans_y, trans_z mm) about the volume centre on the "
             "voxel axes scaled by the spacing; maps a point of frame 0 to the same anatomy in frame t (frame_t(T(x)) = frame_0(x))",
-            "Interpolation": "linear, on the noise-free float frame on a sub-voxel grid (<= 1 mm), then averaged over each "
-            "voxel (partial volume, every frame), before noise and int16 rounding",
+            "Interpolation": f"linear, on the noise-free float frame on a sub-voxel grid (<= {motion_subvoxel_mm:g} mm), then "
+            "averaged over each voxel (partial volume, every frame), before noise and int16 rounding",
         }
     return out
