@@ -1,7 +1,7 @@
 """Accuracy of every deconvolution method through the whole pipeline, on a grid of known truths.
 
-Grid (issue 4): MTT 2, 4, 8, 12, 16 s × tracer delay -2, 0, 2, 4, 6 s × residue exponential and
-box × noise 0 and 10 HU per frame × sampling every 1 s and every 2 s over 60 s. CBV is 4 mL/100g
+Grid (issue 4): MTT 2, 4, 8, 12, 16 s × tracer delay -2, 0, 2, 4, 6 s × residue exponential,
+box and linear × noise 0 and 10 HU per frame × sampling every 1 s and every 2 s over 60 s. CBV is 4 mL/100g
 everywhere, so CBF = 240 / MTT mL/100g/min.
 
 Each (residue, noise, sampling) condition is one 4D image: every (MTT, delay) cell is a 64×64×4
@@ -37,7 +37,7 @@ from bids_ctp.phantom.model import arterial_input, tissue_enhancement
 
 MTTS = (2.0, 4.0, 8.0, 12.0, 16.0)
 DELAYS = (-2.0, 0.3, 2.2, 4.4, 6.0)  # three of them between the fit grid's 0.5 s points
-SHAPES = ("exponential", "box")
+SHAPES = ("exponential", "box", "linear")
 NOISES = (0.0, 10.0)
 INTERVALS = (1.0, 2.0)
 CBV = 4.0

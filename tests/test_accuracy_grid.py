@@ -18,7 +18,7 @@ from bids_ctp.cli.run import main  # noqa: E402
 
 MTTS, DELAYS = (3.0, 10.0), (0.3, 4.4)  # delays between fit-grid points
 CONDITIONS = {"c0": ("exponential", 10.0, 1.0), "c1": ("box", 10.0, 1.0),
-              "c2": ("box", 0.0, 2.0)}
+              "c2": ("box", 0.0, 2.0), "c3": ("linear", 10.0, 1.0)}
 
 
 @pytest.fixture(scope="module")

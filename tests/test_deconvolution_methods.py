@@ -217,7 +217,7 @@ def test_residue_family_found_despite_artefact_voxels(truth):
     assert dc.select_residue_shape(tissue, TIMES, TIMES, AIF)[0] == truth
 
 
-@pytest.mark.parametrize("shape", ["exponential", "box"])
+@pytest.mark.parametrize("shape", ["exponential", "box", "linear"])
 @pytest.mark.parametrize("interval", [1.0, 2.0])
 def test_model_fit_exact_between_grid_points(interval, shape):
     """Noise-free tissue at delays between the fit grid's 0.5 s points: CBF and MTT within 2 %
@@ -237,7 +237,7 @@ def test_model_fit_exact_between_grid_points(interval, shape):
             assert fitted_delay[0] == pytest.approx(delay, abs=0.02), (mtt, delay)
 
 
-@pytest.mark.parametrize("shape", ["exponential", "box"])
+@pytest.mark.parametrize("shape", ["exponential", "box", "linear"])
 def test_model_ttp_matches_the_true_curve_peak(shape):
     """TTP of the fitted noise-free curve equals the phantom's continuous TTP within 0.1 s
     (box: 0.3 s; at MTT 16 s the fit's delay is 0.2 s early), also when the peak would come

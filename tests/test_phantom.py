@@ -39,7 +39,7 @@ def test_gamma_variate_peak():
     assert arterial_input(12.5) == pytest.approx(C.peak_hu, rel=1e-3)  # recirculation not yet arrived
 
 
-@pytest.mark.parametrize("shape", ["exponential", "box"])
+@pytest.mark.parametrize("shape", ["exponential", "box", "linear"])
 @pytest.mark.parametrize("mtt", [4.0, 9.6])
 def test_residue_integrates_to_mtt(shape, mtt):
     t = np.arange(-5.0, 300.0, 0.001)
@@ -48,7 +48,7 @@ def test_residue_integrates_to_mtt(shape, mtt):
     assert np.trapezoid(r, t) == pytest.approx(mtt, rel=1e-3)
 
 
-@pytest.mark.parametrize("shape", ["exponential", "box"])
+@pytest.mark.parametrize("shape", ["exponential", "box", "linear"])
 def test_tissue_area_ratio_is_cbv(shape):
     cbf, cbv, delay = np.array([60.0, 25.0, 10.0, 25.0]), np.array([4.0, 2.0, 1.5, 4.0]), np.array([1.0, 1.5, 4.0, 4.0])
     ct = tissue_enhancement(T_LONG, cbf, cbv, delay, shape)

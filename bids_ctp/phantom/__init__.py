@@ -3,7 +3,7 @@
 A layered ellipsoidal head (scalp, skull, CSF, grey and white matter, arteries, a
 sagittal sinus, an ischemic core and penumbra) is given per-tissue CBF, CBV and
 delay; tissue curves follow the indicator-dilution model
-``C_t = (density/kh) * CBF/6000 * (AIF(. - delay) conv R)`` with an exponential or box
+``C_t = (density/kh) * CBF/6000 * (AIF(. - delay) conv R)`` with an exponential, box or linear
 residue (see :mod:`bids_ctp.phantom.model` for the physics and constants and
 :mod:`bids_ctp.phantom.dataset` for baselines and the truth table).  ``make_dataset``
 writes the noisy int16 4D images as BIDS raw data and the CBF/CBV/MTT/Tmax/TTP truth,

@@ -14,10 +14,11 @@ recirculation bump::
     C_a(t) = peak_hu * g(t; aif_t0, aif_alpha, aif_beta)
            + recirc_fraction * peak_hu * g(t; aif_t0 + recirc_delay, recirc_alpha, recirc_beta)
 
-Residue functions ``R`` (both integrate to MTT; 0 for t < 0)::
+Residue functions ``R`` (all integrate to MTT; 0 for t < 0)::
 
     exponential: R(t) = exp(-t / MTT)
     box:         R(t) = 1 for 0 <= t < MTT, else 0
+    linear:      R(t) = 1 - t / (2 MTT) for 0 <= t < 2 MTT, else 0  (transit times uniform)
 
 Tissue enhancement (indicator dilution with a haematocrit correction)::
 
@@ -56,7 +57,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.signal import fftconvolve
 
-RESIDUE_SHAPES = ("exponential", "box")
+RESIDUE_SHAPES = ("exponential", "box", "linear")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def residue(t: ArrayLike, mtt: float, shape: str = "exponential") -> NDArray[np.
         return np.where(t >= 0, np.exp(-np.clip(t, 0.0, None) / mtt), 0.0)
     if shape == "box":
         return np.where((t >= 0) & (t < mtt), 1.0, 0.0)
+    if shape == "linear":
+        return np.where(t >= 0, np.clip(1.0 - t / (2.0 * mtt), 0.0, 1.0), 0.0)
     raise ValueError(f"unknown residue shape {shape!r}; expected one of {RESIDUE_SHAPES}")
 
 
@@ -123,6 +126,11 @@ def _residue_cells(n: int, dt: float, mtt: NDArray[np.float64], shape: str) -> N
         return m / dt * (np.exp(-lo / m) - np.exp(-(lo + dt) / m))
     if shape == "box":
         return np.clip((m - lo) / dt, 0.0, 1.0)
+    if shape == "linear":  # from the integral of R, t - t^2 / (4 MTT) up to 2 MTT
+        def integral(t):
+            t = np.minimum(t, 2.0 * m)
+            return t - t * t / (4.0 * m)
+        return (integral(lo + dt) - integral(lo)) / dt
     raise ValueError(f"unknown residue shape {shape!r}; expected one of {RESIDUE_SHAPES}")
 
 
