@@ -276,6 +276,9 @@ def test_box_residue_found_at_2s_sampling_with_motion(tmp_path):
     assert main([str(phantom.root), str(out), "participant", "-w", str(tmp_path / "w")]) == 0
     sidecar = json.loads(next(out.rglob("*_desc-nlr_cbf.json")).read_text())
     assert sidecar["ResidueShape"] == "box"
+    scores = sidecar["ResidueShapeScores"]  # per curve, relative to its best family
+    assert set(scores) == {"exponential", "gamma2", "gamma4", "box", "linear"}
+    assert max(scores, key=scores.get) == "box" and all(-100 < v <= 0 for v in scores.values())
     (result,) = compare(phantom.root, out)
     est, truth = result[("cbf", "penumbra")][:2]
     assert est == pytest.approx(truth, rel=0.10)

@@ -24,6 +24,7 @@ class _WriterInput(BaseInterfaceInputSpec):
     ctp_input = traits.Dict(mandatory=True, desc="CTPInput fields")
     method = traits.Str(mandatory=True)
     residue_shape = traits.Str(mandatory=True)
+    residue_shape_scores = traits.Dict(desc="family -> score; empty for model-free methods")
     density = traits.Float(mandatory=True)
     kh = traits.Float(mandatory=True)
     noise_sd = traits.Float(mandatory=True)
@@ -108,6 +109,11 @@ class WriteDerivatives(SimpleInterface):
             flags.append(f"motion: framewise displacement up to {fd.max():.2f} mm "
                          f"(threshold {motion.MOTION_FD_THRESHOLD_MM} mm)")
         common["QualityFlags"] = flags
+        if isdefined(inp.residue_shape_scores) and inp.residue_shape_scores:
+            # mean log-likelihood per tissue curve relative to its best family: a runner-up
+            # close to the chosen family's score means the choice was a close call
+            common["ResidueShapeScores"] = {k: round(v, 3)
+                                            for k, v in inp.residue_shape_scores.items()}
 
         def save(src, suffix, desc, sidecar, dtype=np.float32):
             path = derivatives.output_path(root, ctp, suffix, desc)

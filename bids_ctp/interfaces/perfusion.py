@@ -382,6 +382,7 @@ class _DeconvOutput(TraitedSpec):
     tmax = File(exists=True, desc="time of the maximum of k (s)")
     ttp = File(exists=True, desc="nlr: time to peak of the fitted curve (s from the first frame)")
     residue_shape = traits.Str(desc="residue family fitted (nlr), else 'none (model-free)'")
+    residue_shape_scores = traits.Dict(desc="nlr: every family's score (select_residue_shape)")
 
 
 class Deconvolve(SimpleInterface):
@@ -394,12 +395,12 @@ class Deconvolve(SimpleInterface):
         brain, tissue, baseline, scene = _enhancement(self.inputs)
         times = np.asarray(self.inputs.frame_times, float)
         aif = np.asarray(self.inputs.aif, float)
-        shape = "none (model-free)"
+        shape, scores = "none (model-free)", {}
         if self.inputs.method == "nlr":
             nuisance, weights = _motion_artefact_model(self.inputs, brain, baseline, scene,
                                                        tissue)
-            shape, _ = deconvolution.select_residue_shape(tissue, times, times, aif,
-                                                          nuisance=nuisance, weights=weights)
+            shape, scores = deconvolution.select_residue_shape(
+                tissue, times, times, aif, nuisance=nuisance, weights=weights)
             flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape,
                                                       nuisance=nuisance, weights=weights)
             area = flow * mtt
@@ -415,6 +416,7 @@ class Deconvolve(SimpleInterface):
             self._results[key] = images.save_like(_fill(brain, values), self.inputs.mask,
                                                   f"{key}.nii")
         self._results["residue_shape"] = shape
+        self._results["residue_shape_scores"] = scores
         return runtime
 
 

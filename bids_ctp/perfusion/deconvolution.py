@@ -326,7 +326,10 @@ def _model_basis(times, aif_times, aif, delays, mtts, shape):
 
 def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS,
                          mtts=FIT_MTTS, nuisance=None, weights=None) -> tuple[str, dict]:
-    """The residue family that explains the scan's tissue curves best, with each one's score.
+    """The residue family that explains the scan's tissue curves best, with each one's score:
+    the mean over the tissue curves of its log-likelihood relative to the curve's best family
+    (<= 0; the chosen family's is the largest, and how far the runner-up trails it tells how
+    clear the choice was).
 
     One family per scan: per voxel, noise makes the families hard to tell apart (and a wrong
     family biases CBF by 25-150 %), while over thousands of tissue curves the best family
@@ -363,7 +366,8 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     # frames a voxel weighs less carry less of its evidence
     n_frames = tissue.shape[1] if weights is None else weights.sum(axis=1)[inlier, None]
     loglik = -0.5 * n_frames * np.log(rss[inlier])
-    scores = dict(zip(RESIDUE_SHAPES, (loglik - loglik.max(axis=1, keepdims=True)).sum(axis=0).tolist()))
+    relative = (loglik - loglik.max(axis=1, keepdims=True)).mean(axis=0)
+    scores = dict(zip(RESIDUE_SHAPES, relative.tolist()))
     return max(scores, key=scores.get), scores
 
 

@@ -102,7 +102,8 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (moco, deconvolve, [("parameters", "motion_parameters")]),
         (aif, deconvolve, [("aif", "aif")]),
         (deconvolve, perfusion, [("flow", "flow"), ("area", "area"), ("tmax", "tmax")]),
-        (deconvolve, write, [("residue_shape", "residue_shape")]),
+        (deconvolve, write, [("residue_shape", "residue_shape"),
+                              ("residue_shape_scores", "residue_shape_scores")]),
         # nlr: TTP of the fitted curve; SVD methods: of the smoothed curve itself
         ((deconvolve if method == "nlr" else enhancement), perfusion, [("ttp", "ttp")]),
         (brain, perfusion, [("out_mask", "mask")]),
