@@ -392,7 +392,11 @@ class Deconvolve(SimpleInterface):
     output_spec = _DeconvOutput
 
     def _run_interface(self, runtime):
-        brain, tissue, baseline, scene = _enhancement(self.inputs)
+        brain, tissue, baseline, data = _enhancement(self.inputs)
+        # the unenhanced head over the whole grid, bone included, for the motion regressors
+        n_baseline = self.inputs.baseline_frames if isdefined(self.inputs.baseline_frames) else 1
+        scene = data[..., : max(1, n_baseline)].mean(axis=-1)
+        del data
         times = np.asarray(self.inputs.frame_times, float)
         aif = np.asarray(self.inputs.aif, float)
         shape, scores = "none (model-free)", {}
@@ -480,11 +484,8 @@ def _motion_artefact_model(inputs, brain, baseline, scene, tissue):
 
 def _enhancement(inputs):
     """Brain mask, the (n_brain_voxels, n_frames) enhancement curves in HU, the baseline
-    image they are relative to (brain only) and the unenhanced head over the whole grid, bone
-    included (mean of the baseline frames)."""
+    image they are relative to (brain only) and the series itself."""
     brain = images.load(inputs.mask, bool)
     data = images.load(inputs.in_file)
     base = images.load(inputs.baseline)
-    n_baseline = inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1
-    scene = data[..., : max(1, n_baseline)].mean(axis=-1)
-    return brain, data[brain] - base[brain][:, None], base, scene
+    return brain, data[brain] - base[brain][:, None], base, data
