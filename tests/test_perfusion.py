@@ -697,3 +697,21 @@ def test_denoise_baseline_lowers_offset_noise_and_keeps_tissue_boundaries():
     assert np.std(clean[inner] - truth[inner]) < np.std(noisy[inner] - truth[inner]) / 2.5
     step = clean[29, 5:55].mean() - clean[30, 5:55].mean()
     assert step == pytest.approx(10.0, abs=1.0)
+
+
+def _residual_noise(noise, spacing, sigma):
+    w = pp.neighbourhood(spacing, sigma)[1].astype(float)
+    return noise / np.sqrt(w.sum() ** 2 / (w ** 2).sum())
+
+
+def test_smoothing_sigma_reaches_the_target_and_the_ceiling_beyond_the_bound():
+    """0.5 HU within 1-4.5 mm where that is enough (1 mm pixels at 10 HU: 4.3 mm); where
+    4.5 mm would leave more than 0.6 HU (2.5 mm pixels: 1.2 HU), the sigma reaching 0.6 HU."""
+    fine = pp.smoothing_sigma(10.29, (1.0, 1.0, 5.0))
+    assert 4.0 < fine < pp.SIGMA_RANGE_MM[1]
+    assert _residual_noise(10.29, (1.0, 1.0, 5.0), fine) == pytest.approx(pp.TARGET_NOISE_HU, rel=0.02)
+    coarse = (2.5, 2.5, 5.0)
+    assert _residual_noise(10.29, coarse, pp.SIGMA_RANGE_MM[1]) > 1.2  # measured 1.24 HU
+    sigma = pp.smoothing_sigma(10.29, coarse)
+    assert 6.5 < sigma < pp.SIGMA_LIMIT_MM  # measured 7.2 mm
+    assert _residual_noise(10.29, coarse, sigma) == pytest.approx(pp.MAX_NOISE_HU, rel=0.05)
