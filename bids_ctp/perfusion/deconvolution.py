@@ -14,11 +14,12 @@ Methods (all vectorised: one pseudo-inverse per AIF, matrix products per chunk o
   start of the residue from a smooth AIF: even with a perfect AIF and no noise it underestimates
   CBF by 20-40 % and delays Tmax by 1.5-2.5 s (measured on the phantom, README "Method"), so the
   default fits the model instead. The residue family (gamma-distributed transit times:
-  exponential, gamma2, gamma4, box; or linear) is chosen once per scan by ``select_residue_shape``; a wrong
-  family biases CBF by 25-150 %. Vectorised as a grid search: every (δ, MTT) pair on a grid
-  gives one model curve; the best amplitude per voxel and pair is a dot product, so the whole
-  search is one matrix product per chunk of voxels, followed by a finer local grid and a joint
-  quadratic refinement of δ and log MTT (see ``fit_model``). Works directly on the acquired (possibly non-uniform) frame times.
+  exponential, gamma2, gamma4, box; or linear) is chosen once per scan by
+  ``select_residue_shape``; a wrong family biases CBF by 25-150 %. Vectorised as a grid
+  search: every (δ, MTT) pair on a grid gives one model curve; the best amplitude per voxel and
+  pair is a dot product, so the whole search is one matrix product per chunk of voxels,
+  followed by a finer local grid and a joint quadratic refinement of δ and log MTT (see
+  ``fit_model``). Works directly on the acquired (possibly non-uniform) frame times.
 - ``csvd``: block-circulant SVD (Wu 2003): AIF and tissue are zero-padded to twice the length and
   the convolution is circular, so a delay shifts k without changing its height. Negative delays
   (tissue before the AIF) wrap to the end and are reported as negative Tmax.
