@@ -110,8 +110,8 @@ class WriteDerivatives(SimpleInterface):
                          f"(threshold {motion.MOTION_FD_THRESHOLD_MM} mm)")
         common["QualityFlags"] = flags
         if isdefined(inp.residue_shape_scores) and inp.residue_shape_scores:
-            # mean log-likelihood per tissue curve relative to its best family: a runner-up
-            # close to the chosen family's score means the choice was a close call
+            # mean log-likelihood per tissue curve relative to its best family (a small
+            # margin is no measure of a wrong choice: deconvolution.select_residue_shape)
             common["ResidueShapeScores"] = {k: round(v, 3)
                                             for k, v in inp.residue_shape_scores.items()}
 

@@ -393,16 +393,13 @@ class Deconvolve(SimpleInterface):
 
     def _run_interface(self, runtime):
         brain, tissue, baseline, data = _enhancement(self.inputs)
-        # the unenhanced head over the whole grid, bone included, for the motion regressors
-        n_baseline = self.inputs.baseline_frames if isdefined(self.inputs.baseline_frames) else 1
-        scene = data[..., : max(1, n_baseline)].mean(axis=-1)
-        del data
+        nuisance, weights = (_motion_artefact_model(self.inputs, brain, baseline, data, tissue)
+                             if self.inputs.method == "nlr" else (None, None))
+        del data  # the whole series is not needed beyond this point
         times = np.asarray(self.inputs.frame_times, float)
         aif = np.asarray(self.inputs.aif, float)
         shape, scores = "none (model-free)", {}
         if self.inputs.method == "nlr":
-            nuisance, weights = _motion_artefact_model(self.inputs, brain, baseline, scene,
-                                                       tissue)
             shape, scores = deconvolution.select_residue_shape(
                 tissue, times, times, aif, nuisance=nuisance, weights=weights)
             flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape,
@@ -466,16 +463,17 @@ def _fill(brain: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _motion_artefact_model(inputs, brain, baseline, scene, tissue):
-    """``motion.residual_motion_regressor`` of this series and its ``motion.artefact_weights``,
-    or (None, None) (no motion input or a still head)."""
+def _motion_artefact_model(inputs, brain, baseline, data, tissue):
+    """``motion.residual_motion_regressor`` of this series (``data``, 4D) and its
+    ``motion.artefact_weights``, or (None, None) (no motion input or a still head)."""
     if not isdefined(inputs.motion_parameters) or not np.any(inputs.motion_parameters):
         return None, None
     spacing = images.spacing(inputs.in_file)
     edge = motion.edge_strength(baseline, spacing)
+    n_baseline = max(1, inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1)
+    scene = data[..., :n_baseline].mean(axis=-1)  # the unenhanced head, bone included
     regressor = motion.residual_motion_regressor(
-        inputs.motion_parameters, edge, spacing, brain,
-        inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1, scene)
+        inputs.motion_parameters, edge, spacing, brain, n_baseline, scene)
     if regressor is None:
         return None, None
     return regressor, motion.artefact_weights(regressor, edge[brain],
