@@ -65,6 +65,34 @@ def test_bolus_arrival_frame_is_not_timed_by_bone_moving_in():
     assert cv.bolus_arrival_frame(curves[:995, :12]) == 7
 
 
+@pytest.mark.parametrize("peak", [10.0, 5000.0])
+def test_intensity_scale_brings_non_hu_series_to_a_ct_like_arterial_peak(peak):
+    t = np.arange(40.0)
+    artery = gamma_variate(t, 6.0, 2.0, 1.5)
+    curves = np.vstack([np.tile(0.1 * artery, (95, 1)), np.tile(artery, (5, 1))])
+    curves *= peak / artery.max()
+    assert cv.intensity_scale(curves, 0.0) == pytest.approx(cv.NOMINAL_PEAK_HU / peak)
+    assert cv.intensity_scale(curves * (400.0 / peak), 0.0) == 1.0  # CT range: untouched
+
+
+def test_intensity_scale_does_not_blow_up_noise_into_a_bolus():
+    noise = np.random.default_rng(1).normal(0.0, 1.0, (10_000, 40))
+    assert cv.intensity_scale(noise, 1.0) == 1.0  # peak ~5 SD: no bolus, left to be reported
+
+
+def test_dsc_signal_is_recognised_and_becomes_proportional_to_concentration():
+    t = np.arange(40.0)
+    conc = np.outer([1.0, 0.05, 0.02], gamma_variate(t, 6.0, 2.0, 1.5))  # artery, two tissues
+    signal = 800.0 * np.exp(-1.2 * conc / conc.max())
+    assert cv.is_signal_drop(signal, 1.0)
+    assert np.allclose(cv.signal_to_concentration(signal), 1.2 * conc / conc.max(), atol=1e-5)
+    # CT: the bolus raises HU; bone sliding in and out of edge voxels goes both ways
+    ct = 35.0 + 400.0 * conc
+    ct[2, 20:] += 700.0
+    ct = np.vstack([ct, 35.0 + np.where(t >= 20, -700.0, 0.0) + 700.0])
+    assert not cv.is_signal_drop(ct, 1.0)
+
+
 def test_bolus_arrival_frame_without_arteries_uses_tissue_arrival():
     t = np.arange(30.0)
     tissue = 25.0 * gamma_variate(t, 11.0, 2.0, 2.0)  # frame 11 is 0, frame 12 is 0.39 of peak

@@ -38,6 +38,9 @@ class _WriterInput(BaseInterfaceInputSpec):
     vof = traits.List(traits.Float, mandatory=True)
     motion_parameters = traits.List(traits.List(traits.Float), mandatory=True)
     framewise_displacement = traits.List(traits.Float, mandatory=True)
+    intensity_scale = traits.Float(1.0, usedefault=True, desc="factor applied to a series "
+                                   "not in HU before processing")
+    load_flags = traits.List(traits.Str, desc="problems found loading the series")
     motion_flags = traits.List(traits.Str, desc="problems found by motion correction")
     mask_flags = traits.List(traits.Str, desc="problems found making the brain mask")
     curve_flags = traits.List(traits.Str, desc="problems found in the enhancement curves")
@@ -102,8 +105,14 @@ class WriteDerivatives(SimpleInterface):
             # not BIDS "TimeZero" (a clock time in PET-BIDS): the origin of TTP and AIF times
             "TimeOrigin": "start of the first frame (FrameTimesStart[0])",
         }
+        if inp.intensity_scale != 1.0:
+            common["IntensityScale"] = inp.intensity_scale
+            common["IntensityScaleDescription"] = (
+                "the series was not in HU (no skull; its strongest enhancement outside a CT "
+                "artery's range) and was multiplied by this factor before processing: noise, "
+                "AIF and VOF are in input units x IntensityScale; CBF, CBV, MTT do not depend on it")
         fd = np.asarray(inp.framewise_displacement, float)
-        flags = [flag for trait in ("motion_flags", "mask_flags", "curve_flags", "vessel_flags")
+        flags = [flag for trait in ("load_flags", "motion_flags", "mask_flags", "curve_flags", "vessel_flags")
                  if isdefined(getattr(inp, trait)) for flag in getattr(inp, trait)]
         if motion.motion_qc_flag(fd):
             flags.append(f"motion: framewise displacement up to {fd.max():.2f} mm "

@@ -28,6 +28,8 @@ class _LoadInput(BaseInterfaceInputSpec):
 
 class _LoadOutput(TraitedSpec):
     out_file = File(exists=True, desc="4D float32 HU, uncompressed")
+    intensity_scale = traits.Float(desc="factor applied to a series not in HU (1 for CT)")
+    qc_flags = traits.List(traits.Str, desc="problems to show in sidecars and reports")
 
 
 class LoadCTP(SimpleInterface):
@@ -76,6 +78,19 @@ class LoadCTP(SimpleInterface):
             raise DataError(f"{name}: values from {low:.6g} to {high:.6g} are not Hounsfield units (|HU| <= "
                             f"{MAX_ABS_HU:g}); check the scaling (scl_slope {info.slope:g}, scl_inter "
                             f"{info.inter:g})")
+        scale, flags = 1.0, []
+        if low >= 0 and curves.is_signal_drop(data, preprocess.estimate_noise(data)):
+            data = curves.signal_to_concentration(data)
+            flags.append("intensities: no negative values and a signal that drops with the "
+                         "bolus, taken as MR (DSC) signal S(t) and converted to -ln(S(t)/S0)")
+        if not mask.has_skull(data[..., 0], images.spacing(self.inputs.in_file)):
+            scale = curves.intensity_scale(data, preprocess.estimate_noise(data))
+        if scale != 1.0:
+            data *= np.float32(scale)
+            flags.append(f"intensities: no skull and a strongest enhancement of "
+                         f"{curves.NOMINAL_PEAK_HU / scale:.4g}, not HU; scaled by {scale:.4g} "
+                         "(CBF, CBV and MTT do not depend on the scale)")
+        self._results["intensity_scale"], self._results["qc_flags"] = scale, flags
         self._results["out_file"] = images.save_like(data, self.inputs.in_file, "ctp_hu.nii")
         return runtime
 

@@ -20,6 +20,11 @@ MIN_BASELINE_FRAMES = 2
 BASELINE_MARGIN_S = 2.0  # frames this close before arrival are left out of the baseline
 RETURN_FRACTION = 0.5  # vessel curves end below this fraction of their peak
 MIN_BOLUS_HU = 20.0  # arterial reference enhancing less than this: no usable bolus
+# A skull-less series whose strongest enhancement lies outside what contrast gives a CT artery
+# is not in HU (e.g. a DSC test object in concentration units): it is scaled to this peak.
+CT_PEAK_ENHANCEMENT_HU = (MIN_BOLUS_HU, 2000.0)
+NOMINAL_PEAK_HU = 400.0
+MIN_PEAK_NOISE_RATIO = 8.0  # noise alone peaks at 4-5 SDs somewhere among 1e5 voxels
 
 
 def _largest(values: np.ndarray, n: int) -> np.ndarray:
@@ -32,6 +37,50 @@ def tail_level(curves: np.ndarray) -> np.ndarray:
     back down and a step added by head motion has not."""
     curves = np.asarray(curves)
     return curves[..., -max(1, curves.shape[-1] // 10):].mean(axis=-1)
+
+
+def _strongest_changes(data: np.ndarray) -> tuple[float, float]:
+    """The largest rise and the largest drop of any voxel below/above its first frames."""
+    start = data[..., :MIN_BASELINE_FRAMES].mean(axis=-1)
+    return float((data.max(axis=-1) - start).max()), float((start - data.min(axis=-1)).max())
+
+
+def is_signal_drop(data: np.ndarray, noise_sd: float) -> bool:
+    """Whether a series without negative values is MR signal that the bolus lowers (DSC): its
+    strongest drop is clear of the noise (``noise_sd``) and twice its strongest rise. (CT
+    contrast only ever raises HU; a moving skull lowers and raises voxels alike.)"""
+    rise, drop = _strongest_changes(data)
+    return drop > MIN_PEAK_NOISE_RATIO * noise_sd and drop > 2.0 * rise
+
+
+def signal_to_concentration(data: np.ndarray) -> np.ndarray:
+    """-ln(S(t) / S0), S0 each voxel's mean over the first frames: DSC signal
+    S = S0 exp(-TE r2* C) becomes TE r2* C, proportional to the concentration (the constant
+    cancels in CBF, CBV and MTT) and about 0 before the bolus, as CT enhancement is (the later
+    stages refine the baseline). Voxels without signal (background) become 0."""
+    data = np.asarray(data, dtype=np.float32)
+    floor = np.float32(max(float(data.max()), 1e-30) * 1e-6)
+    start = data[..., :MIN_BASELINE_FRAMES].mean(axis=-1, keepdims=True)
+    ratio = np.where(start > floor, np.maximum(data, floor) / np.maximum(start, floor), 1.0)
+    return -np.log(ratio).astype(np.float32)
+
+
+def intensity_scale(data: np.ndarray, noise_sd: float) -> float:
+    """Factor that brings a skull-less series not in Hounsfield units to a CT-like scale; 1 for CT.
+
+    For series without a skull only (e.g. a digital reference object of concentration curves,
+    a DSC test suite): CBF, CBV and MTT are ratios of tissue to arterial enhancement and do not
+    depend on the scale, but the thresholds of the other stages (brain mask, smoothing, the
+    bolus check) are in HU. When the strongest enhancement of any voxel over its first frames
+    lies outside CT_PEAK_ENHANCEMENT_HU, the series is scaled so that it is NOMINAL_PEAK_HU;
+    not when it is within MIN_PEAK_NOISE_RATIO noise SDs (``noise_sd``, per frame): that is no
+    bolus, which ``bolus_arrival_frame`` reports.
+    """
+    peak = _strongest_changes(np.asarray(data))[0]
+    low, high = CT_PEAK_ENHANCEMENT_HU
+    if low <= peak <= high or peak <= MIN_PEAK_NOISE_RATIO * noise_sd:
+        return 1.0
+    return NOMINAL_PEAK_HU / peak
 
 
 def bolus_arrival_frame(curves: np.ndarray, source: str = "image") -> int:

@@ -85,6 +85,7 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
 
     wf.connect([
         (load, moco, [("out_file", "in_file")]),
+        (load, write, [("intensity_scale", "intensity_scale"), ("qc_flags", "load_flags")]),
         (moco, smooth, [("out_file", "in_file"), ("noise_sd", "noise_sd"),
                         ("frame_noise_sd", "frame_noise_sd")]),
         (moco, brain, [("mean_file", "mean_file")]),
