@@ -110,9 +110,11 @@ class WriteDerivatives(SimpleInterface):
             common["IntensityScaleDescription"] = (
                 "the series was not in HU (no skull; its strongest enhancement outside a CT "
                 "artery's range) and was multiplied by this factor before processing: noise, "
-                "AIF and VOF are in input units x IntensityScale; CBF, CBV, MTT do not depend on it")
+                "AIF and VOF are in input units x IntensityScale; CBF, CBV, MTT do not depend "
+                "on it")
         fd = np.asarray(inp.framewise_displacement, float)
-        flags = [flag for trait in ("load_flags", "motion_flags", "mask_flags", "curve_flags", "vessel_flags")
+        flags = [flag for trait in ("load_flags", "motion_flags", "mask_flags", "curve_flags",
+                                    "vessel_flags")
                  if isdefined(getattr(inp, trait)) for flag in getattr(inp, trait)]
         if motion.motion_qc_flag(fd):
             flags.append(f"motion: framewise displacement up to {fd.max():.2f} mm "

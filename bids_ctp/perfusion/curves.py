@@ -40,7 +40,7 @@ def tail_level(curves: np.ndarray) -> np.ndarray:
 
 
 def _strongest_changes(data: np.ndarray) -> tuple[float, float]:
-    """The largest rise and the largest drop of any voxel below/above its first frames."""
+    """The largest rise above, and the largest drop below, any voxel's mean of its first frames."""
     start = data[..., :MIN_BASELINE_FRAMES].mean(axis=-1)
     return float((data.max(axis=-1) - start).max()), float((start - data.min(axis=-1)).max())
 
