@@ -522,6 +522,33 @@ def test_vof_keeps_away_from_bone():
     assert af.vof_scale_factor(aif, vof) == pytest.approx(clean_scale, rel=0.02)
 
 
+def test_vof_leaves_out_sinus_voxels_the_motion_can_fill_with_bone():
+    """Between two jerks a bone plateau stays in a few rim voxels of the sinus, next to the
+    brain mask's edge (no bone > 250 HU inside the mask to keep away from). Ranked by area
+    they were chosen alone (a 2 mm motion phantom: 4 voxels, VOF area +26 %, CBF -30 %);
+    given the motion, the VOF keeps to the voxels the displacement cannot reach."""
+    spacing = (1.0, 1.0, 5.0)
+    enh, vox, artery, vein = _vessel_volume(artery_scale=0.6, vein_scale=None)
+    aif = af.select_aif(enh, vox, VESSEL_SHAPE, T_VESSELS, spacing)
+    clean_scale = af.vof_scale_factor(aif, af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS,
+                                                         spacing))
+    rim = SINUS[(SINUS[:, 0] == 18) & (SINUS[:, 2] == 3)]
+    between_jerks = (T_VESSELS >= 20) & (T_VESSELS < 34)
+    enh[np.ravel_multi_index(tuple(rim.T), VESSEL_SHAPE)] += np.where(between_jerks,
+                                                                      0.3 * vein.max(), 0.0)
+    baseline = np.full(VESSEL_SHAPE, 35.0, np.float32)
+    baseline[:18, :, 3] = 0.0  # outside the brain mask
+    motion = np.zeros((len(T_VESSELS), 6))
+    motion[between_jerks, 5] = 1.0  # 1 mm along the slice axis
+    fooled = af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS, spacing, baseline=baseline)
+    assert {tuple(v) for v in fooled.voxels} <= {tuple(v) for v in rim}  # construction check
+    assert af.vof_scale_factor(aif, fooled) / clean_scale - 1 > 0.08
+    vof = af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS, spacing, baseline=baseline,
+                        motion_parameters=motion)
+    assert not {tuple(v) for v in vof.voxels} & {tuple(v) for v in rim}
+    assert af.vof_scale_factor(aif, vof) == pytest.approx(clean_scale, rel=0.02)
+
+
 def test_vof_scaling_never_shrinks_the_aif_and_needs_a_vof():
     enh, vox, _, _ = _vessel_volume(artery_scale=1.0, vein_scale=0.3)  # partial-volumed sinus
     aif = af.select_aif(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0))

@@ -285,6 +285,9 @@ class _VesselInput(_EnhancementInput):
     aif_mask = File(exists=True, desc="user-chosen arterial voxels")
     vof_mask = File(exists=True, desc="user-chosen venous voxels")
     vof_scaling = traits.Bool(True, usedefault=True, desc="scale the AIF to the VOF's area")
+    motion_parameters = traits.List(traits.List(traits.Float),
+                                    desc="per frame rigid motion (rad, mm): the VOF avoids "
+                                         "voxels it can fill with bone")
 
 
 class _VesselOutput(TraitedSpec):
@@ -321,7 +324,10 @@ class SelectVessels(SimpleInterface):
             vof = self._user_curve(inp.vof_mask, times)
         else:
             try:
-                vof = aif_stage.select_vof(*search, clusters=clusters, baseline=baseline)
+                vof = aif_stage.select_vof(
+                    *search, clusters=clusters, baseline=baseline,
+                    motion_parameters=(inp.motion_parameters if isdefined(inp.motion_parameters)
+                                       else None))
             except DataError:  # only reached with a user AIF: no VOF then (flagged below)
                 vof = None
         scale = aif_stage.vof_scale_factor(aif, vof) if inp.vof_scaling else 1.0

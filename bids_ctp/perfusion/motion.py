@@ -82,6 +82,9 @@ REGISTRATION_VOXEL_MM = 4.0  # target voxel size of the block-averaged registrat
 ANTIALIAS_SIGMA_BLOCKS = 1.0
 AIR_HU = -1024.0  # value of voxels resampled from outside the field of view
 FD_RADIUS_MM = 50.0  # Power et al. 2012: rotation (rad) -> arc length on a 50 mm sphere
+# Voxels whose first-order motion artefact (edge strength x largest slice displacement) stays
+# below this many HU get no motion regressor, and are the sinus voxels the VOF prefers.
+MIN_ARTEFACT_HU = 2.0
 HUBER_K = 1.5  # Huber threshold in robust SDs of the residual
 DAMPING = 0.1  # Levenberg-Marquardt damping (fraction of the Gauss-Newton diagonal)
 HUBER_MIN_HU = 5.0  # floor of the robust residual scale (noise-free or very smooth data)
@@ -200,6 +203,15 @@ def edge_strength(baseline: np.ndarray, spacing) -> np.ndarray:
     return np.linalg.norm(np.gradient(np.asarray(baseline, np.float32), *spacing), axis=0)
 
 
+def expected_artefact_hu(parameters, edge: np.ndarray, spacing, voxels) -> np.ndarray:
+    """First-order size (HU) of the motion artefact each voxel can carry after correction:
+    ``edge`` (``edge_strength``, HU/mm) at ``voxels`` (n, 3) times their largest
+    ``slice_displacement`` (mm). (n,) float32."""
+    voxels = np.asarray(voxels)
+    reach = np.abs(slice_displacement(parameters, edge.shape, spacing, voxels)).max(axis=1)
+    return edge[tuple(voxels.T)] * reach
+
+
 def round_trip(volume: np.ndarray, spacing, parameters) -> np.ndarray:
     """``volume`` moved by a frame's motion (linear interpolation; beyond the grid, its
     nearest voxel), then corrected as ``correct_motion`` does (linear interpolation back;
@@ -212,7 +224,7 @@ def round_trip(volume: np.ndarray, spacing, parameters) -> np.ndarray:
 
 def residual_motion_regressor(parameters, edge: np.ndarray, spacing, brain: np.ndarray,
                               baseline_frames: int, scene: np.ndarray | None = None,
-                              min_artefact_hu: float = 2.0):
+                              min_artefact_hu: float = MIN_ARTEFACT_HU):
     """Per-voxel nuisance regressors of the motion left after correction, or None.
 
     1. ``slice_displacement``: the slab of a thick slice holds other tissue.
@@ -233,8 +245,7 @@ def residual_motion_regressor(parameters, edge: np.ndarray, spacing, brain: np.n
     """
     voxels = np.argwhere(brain)
     shift = slice_displacement(parameters, brain.shape, spacing, voxels)
-    reach = np.abs(shift).max(axis=1)
-    clean = edge[brain] * reach < min_artefact_hu
+    clean = edge[brain] * np.abs(shift).max(axis=1) < min_artefact_hu
     if clean.all():
         return None
     regressors = [shift]

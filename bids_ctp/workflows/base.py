@@ -101,6 +101,7 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (brain, deconvolve, [("out_mask", "mask")]),
         (enhancement, deconvolve, [("baseline", "baseline"), ("baseline_frames", "baseline_frames")]),
         (moco, deconvolve, [("parameters", "motion_parameters")]),
+        (moco, aif, [("parameters", "motion_parameters")]),
         (aif, deconvolve, [("aif", "aif")]),
         (deconvolve, perfusion, [("flow", "flow"), ("area", "area"), ("tmax", "tmax")]),
         (deconvolve, write, [("residue_shape", "residue_shape"),
