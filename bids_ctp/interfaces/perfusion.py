@@ -310,7 +310,7 @@ class SelectVessels(SimpleInterface):
     def _run_interface(self, runtime):
         inp = self.inputs
         times = np.asarray(inp.frame_times) - inp.frame_times[0]  # as for TTP
-        brain, tissue, baseline, _ = _enhancement(inp)
+        brain, tissue, baseline, data = _enhancement(inp)
         voxels = np.argwhere(brain)
         spacing = images.spacing(inp.mask)
         search = (tissue, voxels, brain.shape, times, spacing, inp.source)
@@ -324,10 +324,12 @@ class SelectVessels(SimpleInterface):
             vof = self._user_curve(inp.vof_mask, times)
         else:
             try:
+                moved = isdefined(inp.motion_parameters) and np.any(inp.motion_parameters)
                 vof = aif_stage.select_vof(
                     *search, clusters=clusters, baseline=baseline,
-                    motion_parameters=(inp.motion_parameters if isdefined(inp.motion_parameters)
-                                       else None))
+                    motion_parameters=inp.motion_parameters if moved else None,
+                    edge=(motion.edge_strength(_unenhanced_head(inp, data)[0], spacing)
+                          if moved else None))
             except DataError:  # only reached with a user AIF: no VOF then (flagged below)
                 vof = None
         scale = aif_stage.vof_scale_factor(aif, vof) if inp.vof_scaling else 1.0
@@ -413,8 +415,8 @@ class Deconvolve(SimpleInterface):
     output_spec = _DeconvOutput
 
     def _run_interface(self, runtime):
-        brain, tissue, baseline, data = _enhancement(self.inputs)
-        nuisance, weights = (_motion_artefact_model(self.inputs, brain, baseline, data, tissue)
+        brain, tissue, _, data = _enhancement(self.inputs)
+        nuisance, weights = (_motion_artefact_model(self.inputs, brain, data, tissue)
                              if self.inputs.method == "nlr" else (None, None))
         del data  # the whole series is not needed beyond this point
         times = np.asarray(self.inputs.frame_times, float)
@@ -484,15 +486,22 @@ def _fill(brain: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _motion_artefact_model(inputs, brain, baseline, data, tissue):
+def _unenhanced_head(inputs, data):
+    """Mean of the baseline frames over the whole grid, bone included (``data``: the 4D series)."""
+    n_baseline = max(1, inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1)
+    return data[..., :n_baseline].mean(axis=-1), n_baseline
+
+
+def _motion_artefact_model(inputs, brain, data, tissue):
     """``motion.residual_motion_regressor`` of this series (``data``, 4D) and its
     ``motion.artefact_weights``, or (None, None) (no motion input or a still head)."""
     if not isdefined(inputs.motion_parameters) or not np.any(inputs.motion_parameters):
         return None, None
     spacing = images.spacing(inputs.in_file)
-    edge = motion.edge_strength(baseline, spacing)
-    n_baseline = max(1, inputs.baseline_frames if isdefined(inputs.baseline_frames) else 1)
-    scene = data[..., :n_baseline].mean(axis=-1)  # the unenhanced head, bone included
+    scene, n_baseline = _unenhanced_head(inputs, data)
+    # Edges of the whole head: the brain-only baseline hides the bone below the cortex at the
+    # skull base, whose slice hundreds of HU of bone move into under through-plane motion
+    edge = motion.edge_strength(scene, spacing)
     regressor = motion.residual_motion_regressor(
         inputs.motion_parameters, edge, spacing, brain, n_baseline, scene)
     if regressor is None:

@@ -26,7 +26,7 @@ from scipy.special import gammaln
 from bids_ctp.errors import DataError
 from bids_ctp.perfusion.curves import RETURN_FRACTION, tail_level, time_to_peak
 from bids_ctp.perfusion.mask import BONE_HU
-from bids_ctp.perfusion.motion import MIN_ARTEFACT_HU, edge_strength, expected_artefact_hu
+from bids_ctp.perfusion.motion import expected_artefact_hu
 
 CANDIDATE_FRACTION = 0.3  # of the 99.9th percentile of peak enhancement in the brain
 MIN_CLUSTER_MM3 = 2.0  # smaller bright clusters are noise or tiny vessels
@@ -42,13 +42,13 @@ MIN_AIF_PEAK_HU = 100.0  # weaker arterial enhancement makes every map noisy
 # their peak against 3 % in truth, and gave a VOF scale of 1.49 where a still head gives
 # 1.016; with this tolerance 1.04, with 0.05 1.06).
 VOF_TAIL_TOLERANCE = 0.03
-MIN_STEADY_VOF_VOXELS = 10  # fewer sinus voxels out of the motion's reach: do without the test
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 # Bolus shape: cosine similarity of a curve with its best-matching gamma variate (alpha 3, a grid
 # of arrival times and widths). Vessel curves score >= 0.97 on the phantom, with or without head
 # motion; bone or CSF edges that motion turns into bright "curves" (drifts and steps) score a
 # median 0.85. Clusters whose median is below this are not vessels.
 MIN_BOLUS_SHAPE = 0.95
+VOF_MIN_SHAPE = 0.97  # the VOF's cluster, when a late cluster reaches it (vessels score >= 0.97)
 # The earliest vessels may start at most this fraction of their rise above the level they
 # come back down to: more, and the bolus was already arriving in frame 0.
 MAX_FIRST_FRAME_FRACTION = 0.25
@@ -185,7 +185,8 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image"):
 
     Returns candidate indices, each candidate's cluster label, each cluster's median time to
     peak (inf for clusters too small to be a vessel or not bolus-shaped), each candidate's
-    peak enhancement and first-pass area (``bolus_shape``).
+    peak enhancement and first-pass area, and each cluster's median bolus shape
+    (``bolus_shape``).
     """
     peak = enhancement.max(axis=1)
     # A bolus passes: by the last frames a vessel is well below its peak, whereas a step
@@ -211,12 +212,13 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image"):
     labels_ok = [label for label in np.flatnonzero(sizes >= min_voxels) if label]
     shaped = [label for label in labels_ok
               if np.median(cosine[cluster_of == label]) >= MIN_BOLUS_SHAPE]
-    cluster_ttp = np.full(n_clusters + 1, np.inf)
+    cluster_ttp, cluster_shape = np.full(n_clusters + 1, np.inf), np.zeros(n_clusters + 1)
     for label in shaped or labels_ok:  # none bolus-shaped: keep them all, the fit will flag it
         cluster_ttp[label] = np.median(ttp[cluster_of == label])
+        cluster_shape[label] = np.median(cosine[cluster_of == label])
     if not np.isfinite(cluster_ttp).any():
         raise DataError(f"{source}: no arterial input candidate (no vessel-sized cluster)")
-    return candidates, cluster_of, cluster_ttp, peak[candidates], first_pass
+    return candidates, cluster_of, cluster_ttp, peak[candidates], first_pass, cluster_shape
 
 
 def vessel_curve(enhancement, voxels, chosen, times) -> VesselCurve:
@@ -246,7 +248,7 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     ``vessel_clusters`` for these arguments, computed here when not given.
     """
     times = np.asarray(times, float)
-    candidates, cluster_of, cluster_ttp, peak, _ = clusters or vessel_clusters(
+    candidates, cluster_of, cluster_ttp, peak, _, _ = clusters or vessel_clusters(
         enhancement, voxels, shape, times, spacing, source)
     early = np.isin(cluster_of, np.flatnonzero(cluster_ttp <= cluster_ttp.min() + EARLY_WINDOW_S))
     return vessel_curve(enhancement, voxels, _strongest(candidates[early], peak[early]), times)
@@ -254,24 +256,31 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
 
 def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
                source: str = "image", clusters=None, baseline=None,
-               motion_parameters=None) -> VesselCurve | None:
+               motion_parameters=None, edge=None) -> VesselCurve | None:
     """Pick the venous output function: the largest first-pass voxels of the largest late cluster.
 
     Late = peaking more than EARLY_WINDOW_S after the earliest (arterial) cluster. A venous
     sinus is wide, so its centre is free of partial volume; its curve area is the reference
     for the AIF's. Returns None when no late cluster exists. ``clusters`` as for ``select_aif``;
-    ``baseline``: the unenhanced image (HU), to keep the VOF away from bone; with
-    ``motion_parameters`` (T, 6) too, voxels the head motion can fill with bone are left out.
+    ``baseline``: the unenhanced image (HU), to keep the VOF away from bone. With
+    ``motion_parameters`` (T, 6) and ``edge`` (``motion.edge_strength`` of the unenhanced
+    head), the half of the sinus the head motion can fill with the most bone is left out.
     """
     times = np.asarray(times, float)
-    candidates, cluster_of, cluster_ttp, _, first_pass = clusters or vessel_clusters(
-        enhancement, voxels, shape, times, spacing, source)
+    (candidates, cluster_of, cluster_ttp, _, first_pass,
+     cluster_shape) = clusters or vessel_clusters(enhancement, voxels, shape, times, spacing,
+                                                  source)
     late_labels = np.flatnonzero(np.isfinite(cluster_ttp)
                                  & (cluster_ttp > cluster_ttp.min() + EARLY_WINDOW_S))
     if late_labels.size == 0:
         return None
+    # Of the late clusters that look like vessels (those not, when none does), the largest. A
+    # cluster joining an artery to curves that through-plane motion made of anatomy from
+    # beyond the slab (median shape 0.958) outgrew the sinus (0.987) and made a step the VOF.
+    venous = late_labels[cluster_shape[late_labels] >= VOF_MIN_SHAPE]
+    pool = venous if venous.size else late_labels
     sizes = np.bincount(cluster_of, minlength=len(cluster_ttp))
-    largest = late_labels[np.argmax(sizes[late_labels])]
+    largest = pool[np.argmax(sizes[pool])]
     members = candidates[cluster_of == largest]
     area = first_pass[cluster_of == largest]
     # ranked by first-pass area (a plain integral would favour voxels at the sinus' bony edge,
@@ -281,14 +290,12 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     common = np.abs(tail - np.median(tail)) <= VOF_TAIL_TOLERANCE
     if not common.any():  # two groups of tails, none at their median: no level to prefer
         common[:] = True
-    if baseline is not None and motion_parameters is not None and np.any(motion_parameters):
+    if edge is not None and motion_parameters is not None:
         # A few sinus voxels next to bone can keep a bone plateau between two jerks after
-        # correction; ranked by area they would be chosen alone (4 voxels, VOF area +26 %, all
-        # CBF -30 % on a 2 mm motion phantom). Keep the voxels that motion cannot reach.
-        steady = expected_artefact_hu(motion_parameters, edge_strength(baseline, spacing),
-                                      spacing, voxels[members]) < MIN_ARTEFACT_HU
-        if (common & steady).sum() >= MIN_STEADY_VOF_VOXELS:
-            common &= steady
+        # correction; ranked by area they were chosen alone (4 voxels, VOF area +26 %, all
+        # CBF -30 % on a 2 mm motion phantom). Keep the half that motion reaches least.
+        artefact = expected_artefact_hu(motion_parameters, edge, spacing, voxels[members])
+        common &= artefact <= np.median(artefact[common])
     if baseline is not None and (baseline > BONE_HU).any():
         # and in the sinus' half farthest from bone: the sinus runs along the skull, and next
         # to bone the motion correction's interpolation across thick slices adds bone HU to

@@ -83,7 +83,7 @@ ANTIALIAS_SIGMA_BLOCKS = 1.0
 AIR_HU = -1024.0  # value of voxels resampled from outside the field of view
 FD_RADIUS_MM = 50.0  # Power et al. 2012: rotation (rad) -> arc length on a 50 mm sphere
 # Voxels whose first-order motion artefact (edge strength x largest slice displacement) stays
-# below this many HU get no motion regressor, and are the sinus voxels the VOF prefers.
+# below this many HU get no motion regressor.
 MIN_ARTEFACT_HU = 2.0
 HUBER_K = 1.5  # Huber threshold in robust SDs of the residual
 DAMPING = 0.1  # Levenberg-Marquardt damping (fraction of the Gauss-Newton diagonal)
