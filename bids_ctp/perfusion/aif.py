@@ -257,7 +257,8 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
 def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
                source: str = "image", clusters=None, baseline=None,
                motion_parameters=None, edge=None) -> VesselCurve | None:
-    """Pick the venous output function: the largest first-pass voxels of the largest late cluster.
+    """Pick the venous output function: the largest first-pass voxels of the largest late,
+    vessel-like cluster.
 
     Late = peaking more than EARLY_WINDOW_S after the earliest (arterial) cluster. A venous
     sinus is wide, so its centre is free of partial volume; its curve area is the reference

@@ -198,7 +198,7 @@ def slice_displacement(parameters, shape, spacing, voxels) -> np.ndarray:
 
 
 def edge_strength(baseline: np.ndarray, spacing) -> np.ndarray:
-    """|gradient| of the baseline image (HU/mm): the HU a displacement of 1 mm moves in or
+    """|gradient| of an unenhanced image (HU/mm): the HU a displacement of 1 mm moves in or
     out of each voxel, to first order."""
     return np.linalg.norm(np.gradient(np.asarray(baseline, np.float32), *spacing), axis=0)
 
@@ -238,7 +238,7 @@ def residual_motion_regressor(parameters, edge: np.ndarray, spacing, brain: np.n
        interpolation alone (how a phantom without a slab model moves it) GM CBF went from
        +4 to -2 %.
     Each minus its baseline mean (as for the enhancement curves), kept only where the
-    artefact can matter: where ``edge`` (``edge_strength`` of the baseline image, HU/mm) times
+    artefact can matter: where ``edge`` (``edge_strength`` of the unenhanced head, HU/mm) times
     the largest displacement exceeds ``min_artefact_hu``, i.e. near skull, CSF and vessel
     edges. Elsewhere (deep tissue) they are 0, so the fit there keeps all its degrees of
     freedom. Returns (n_brain, k, T) float32, or None when no voxel qualifies (a still head).
