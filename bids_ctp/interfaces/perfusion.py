@@ -315,21 +315,21 @@ class SelectVessels(SimpleInterface):
         spacing = images.spacing(inp.mask)
         search = (tissue, voxels, brain.shape, times, spacing, inp.source)
         clusters = None
+        moved = isdefined(inp.motion_parameters) and np.any(inp.motion_parameters)
+        motion_model = {"motion_parameters": inp.motion_parameters if moved else None,
+                        "edge": (motion.edge_strength(_unenhanced_head(inp, data)[0], spacing)
+                                 if moved else None)}
         if isdefined(inp.aif_mask):
             aif = self._user_curve(inp.aif_mask, times)
         else:
             clusters = aif_stage.vessel_clusters(*search)  # no vessel at all: a data error
-            aif = aif_stage.select_aif(*search, clusters=clusters)
+            aif = aif_stage.select_aif(*search, clusters=clusters, **motion_model)
         if isdefined(inp.vof_mask):
             vof = self._user_curve(inp.vof_mask, times)
         else:
             try:
-                moved = isdefined(inp.motion_parameters) and np.any(inp.motion_parameters)
-                vof = aif_stage.select_vof(
-                    *search, clusters=clusters, baseline=baseline,
-                    motion_parameters=inp.motion_parameters if moved else None,
-                    edge=(motion.edge_strength(_unenhanced_head(inp, data)[0], spacing)
-                          if moved else None))
+                vof = aif_stage.select_vof(*search, clusters=clusters, baseline=baseline,
+                                           **motion_model)
             except DataError:  # only reached with a user AIF: no VOF then (flagged below)
                 vof = None
         scale = aif_stage.vof_scale_factor(aif, vof) if inp.vof_scaling else 1.0

@@ -240,7 +240,8 @@ def _strongest(indices, strength):
 
 
 def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
-               source: str = "image", clusters=None) -> VesselCurve:
+               source: str = "image", clusters=None, motion_parameters=None,
+               edge=None) -> VesselCurve:
     """Pick the AIF among brain voxels: the strongest voxels of the earliest vessel clusters.
 
     ``enhancement`` (n, T) are the baseline-subtracted curves of the voxels at indices
@@ -251,6 +252,14 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     candidates, cluster_of, cluster_ttp, peak, _, _ = clusters or vessel_clusters(
         enhancement, voxels, shape, times, spacing, source)
     early = np.isin(cluster_of, np.flatnonzero(cluster_ttp <= cluster_ttp.min() + EARLY_WINDOW_S))
+    if edge is not None and motion_parameters is not None:
+        # as for the VOF: the half of the arterial voxels that head motion can fill least with
+        # bone from the next slice (at 0.45 mm pixels a +130 HU step after a jerk in the
+        # strongest voxels made the AIF's area 2.3x too large and every MTT 70 % low)
+        artefact = np.full(len(candidates), np.inf)
+        artefact[early] = expected_artefact_hu(motion_parameters, edge, spacing,
+                                               voxels[candidates[early]])
+        early &= artefact <= np.median(artefact[early])
     return vessel_curve(enhancement, voxels, _strongest(candidates[early], peak[early]), times)
 
 
