@@ -271,8 +271,8 @@ def test_a_failing_participant_does_not_stop_the_others(tmp_path, capsys):
 def test_box_residue_found_at_2s_sampling_with_motion(tmp_path):
     """30 frames at 2 s, box residue, 1 mm motion: with a 4-frame baseline, its per-voxel noise
     offsets looked like exponential tails and gamma2 was chosen (CBF +65..+138 %). Measured
-    now (GM / WM / penumbra): CBF -7 / +2 / -3 % (-9 / 0 / -4 with the motion artefact's edges
-    taken on the brain-only baseline and the AIF from every arterial voxel)."""
+    now (GM / WM / penumbra): CBF -8 / +1 / -4 % (-9 / 0 / -4 with the motion artefact's edges
+    taken on the brain-only baseline)."""
     phantom = make_dataset(tmp_path / "bids", shape=(147, 147, 8), spacing=(1.5, 1.5, 5.0),
                            n_frames=30, frame_interval=2.0, residue="box", seed=5, motion=1.0)
     out = tmp_path / "out"
