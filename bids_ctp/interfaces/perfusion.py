@@ -286,8 +286,9 @@ class _VesselInput(_EnhancementInput):
     vof_mask = File(exists=True, desc="user-chosen venous voxels")
     vof_scaling = traits.Bool(True, usedefault=True, desc="scale the AIF to the VOF's area")
     motion_parameters = traits.List(traits.List(traits.Float),
-                                    desc="per frame rigid motion (rad, mm): the VOF avoids "
-                                         "voxels it can fill with bone")
+                                    desc="per frame rigid motion (rad, mm): the VOF (and an "
+                                         "AIF that is not bolus-shaped) avoid voxels it can "
+                                         "fill with bone")
 
 
 class _VesselOutput(TraitedSpec):
