@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import nibabel as nb
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from bids_ctp.errors import DataError, one_line
 
@@ -234,16 +235,57 @@ def affine(path) -> np.ndarray:
     return nb.load(os.fspath(path)).affine
 
 
-def save_like(data: np.ndarray, reference, filename: str, dtype=np.float32) -> str:
-    """Save ``data`` in the working directory with the grid (affine, qform/sform) of ``reference``."""
+def read_frames(path, dtype=np.float32):
+    """The frames of a 4D NIfTI file one after another, each as a scaled ``dtype`` volume.
+
+    One pass through the (possibly gzipped) file: a whole-brain series never needs to be in
+    memory at once, neither as stored (int16) nor converted (float32). Raises EOFError for a
+    file that ends early.
+    """
+    img = nb.load(os.fspath(path))
+    proxy = img.dataobj
+    shape, stored = img.shape[:3], np.dtype(proxy.dtype)
+    frame_bytes = math.prod(shape) * stored.itemsize
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    with ImageOpener(os.fspath(path)) as stream:
+        stream.seek(proxy.offset)
+        for _ in range(img.shape[3]):
+            raw = stream.read(frame_bytes)
+            if len(raw) < frame_bytes:
+                raise EOFError(f"file ends after {len(raw)} of a frame's {frame_bytes} bytes")
+            frame = np.frombuffer(raw, stored).reshape(shape, order="F").astype(dtype)
+            if slope != 1.0:
+                frame *= dtype(slope)
+            if inter != 0.0:
+                frame += dtype(inter)
+            yield frame
+
+
+def create_like(reference, filename: str, shape, dtype=np.float32) -> np.memmap:
+    """A new uncompressed NIfTI file in the working directory with the grid (affine,
+    qform/sform) of ``reference``, its voxels returned as a writable memory map (Fortran
+    order, as NIfTI stores them): stages write a whole-brain 4D result into it piece by piece
+    instead of holding a second copy in memory. Flush (or drop) the map before handing the
+    file on."""
     ref = nb.load(os.fspath(reference))
     header = ref.header.copy()
+    header.extensions.clear()  # not needed between nodes; keeps the voxels at byte 352
     header.set_data_dtype(dtype)
-    header.set_data_shape(data.shape)
-    img = nb.Nifti1Image(np.asarray(data, dtype=dtype), ref.affine, header)
-    img.header.set_slope_inter(1.0, 0.0)
-    img.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
-    img.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+    header.set_data_shape(shape)
+    header.set_slope_inter(1.0, 0.0)
+    header.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
+    header.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+    header.set_data_offset(352)
     out = os.path.abspath(filename)
-    nb.save(img, out)
-    return out
+    with open(out, "wb") as f:
+        header.write_to(f)
+    return np.memmap(out, dtype=header.get_data_dtype(), mode="r+", offset=352,
+                     shape=tuple(shape), order="F")
+
+
+def save_like(data: np.ndarray, reference, filename: str, dtype=np.float32) -> str:
+    """Save ``data`` in the working directory with the grid (affine, qform/sform) of ``reference``."""
+    out = create_like(reference, filename, np.shape(data), dtype)
+    out[...] = data
+    out.flush()
+    return out.filename

@@ -50,37 +50,41 @@ class LoadCTP(SimpleInterface):
         n_times = len(self.inputs.frame_times)
         if info.shape[3] != n_times:
             raise DataError(f"{name}: {info.shape[3]} frames but {n_times} frame times")
+        # frame by frame into the output file: a whole-brain series is never in memory twice
+        data = images.create_like(self.inputs.in_file, "ctp_hu.nii", info.shape)
+        low, high, n_bad, first_bad = np.inf, -np.inf, 0, None
         try:
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore")  # numpy/nibabel overflow warnings would be extra stderr lines
-                data = images.load(self.inputs.in_file)
+                for t, frame in enumerate(images.read_frames(self.inputs.in_file)):
+                    # integer voxels are finite: the header check bounds their scaling within
+                    # float32; float data (or float scaling of it) needs the full scan
+                    if np.issubdtype(info.dtype, np.floating):
+                        bad = ~np.isfinite(frame)
+                        if bad.any():
+                            n_bad += int(bad.sum())
+                            first_bad = first_bad or tuple(int(i) for i in np.argwhere(bad)[0]) + (t,)
+                            continue
+                    data[..., t] = frame
+                    low, high = min(low, float(frame.min())), max(high, float(frame.max()))
         except MemoryError:
             raise DataError(f"{name}: too large to load (shape {info.shape})") from None
         except images.CORRUPT_DATA_ERRORS as err:
             raise DataError(f"{name}: truncated or corrupt data ({one_line(err)})") from None
         except Exception as err:  # corrupt or truncated file: report it, never a traceback
             raise DataError(f"{name}: cannot read the image data ({one_line(err)})") from None
-        if data.shape != info.shape:  # defensive: the header check and nibabel disagree
-            raise DataError(f"{name}: expected a 4D image with >= {MIN_FRAMES} frames, "
-                            f"got shape {data.shape}")
-        # integer voxels are finite: the header check bounds their scaling within float32; float
-        # data (or float scaling of it) needs the full scan
-        if np.issubdtype(info.dtype, np.floating):
-            bad = ~np.isfinite(data)
-            if bad.any():
-                first = tuple(int(i) for i in np.argwhere(bad)[0])
-                scaled = info.slope != 1.0 or info.inter != 0.0
-                raise DataError(f"{name}: {int(bad.sum())} voxel value(s) are NaN or infinite"
-                                f"{' after scaling (scl_slope/scl_inter)' if scaled else ''} "
-                                f"(first at voxel {first[:3]}, frame {first[3]})")
-        low, high = float(data.min()), float(data.max())
+        if n_bad:
+            scaled = info.slope != 1.0 or info.inter != 0.0
+            raise DataError(f"{name}: {n_bad} voxel value(s) are NaN or infinite"
+                            f"{' after scaling (scl_slope/scl_inter)' if scaled else ''} "
+                            f"(first at voxel {first_bad[:3]}, frame {first_bad[3]})")
         if max(-low, high) > MAX_ABS_HU:
             raise DataError(f"{name}: values from {low:.6g} to {high:.6g} are not Hounsfield units (|HU| <= "
                             f"{MAX_ABS_HU:g}); check the scaling (scl_slope {info.slope:g}, scl_inter "
                             f"{info.inter:g})")
         scale, flags = 1.0, []
         if low >= 0 and curves.is_signal_drop(data, preprocess.estimate_noise(data)):
-            data = curves.signal_to_concentration(data)
+            data[...] = curves.signal_to_concentration(data)
             flags.append("intensities: no negative values and a signal that drops with the "
                          "bolus, taken as MR (DSC) signal S(t) and converted to -ln(S(t)/S0)")
         if not mask.has_skull(data[..., 0], images.spacing(self.inputs.in_file)):
@@ -91,7 +95,8 @@ class LoadCTP(SimpleInterface):
                          f"{curves.NOMINAL_PEAK_HU / scale:.4g}, not HU; scaled by {scale:.4g} "
                          "(CBF, CBV and MTT do not depend on the scale)")
         self._results["intensity_scale"], self._results["qc_flags"] = scale, flags
-        self._results["out_file"] = images.save_like(data, self.inputs.in_file, "ctp_hu.nii")
+        data.flush()
+        self._results["out_file"] = data.filename
         return runtime
 
 
@@ -134,10 +139,12 @@ class MotionCorrection(SimpleInterface):
         noise_sd, frame_sd = preprocess.frame_noise(data)
         self._results["noise_sd"], self._results["frame_noise_sd"] = noise_sd, frame_sd.tolist()
         if self.inputs.enabled and not flags:
-            result = motion.correct_motion(data, spacing, n_threads=self.inputs.n_threads)
+            corrected = images.create_like(self.inputs.in_file, "ctp_moco.nii", data.shape)
+            result = motion.correct_motion(data, spacing, n_threads=self.inputs.n_threads,
+                                           out=corrected)
             data = result.corrected
-            self._results["out_file"] = images.save_like(data, self.inputs.in_file,
-                                                         "ctp_moco.nii")
+            data.flush()
+            self._results["out_file"] = data.filename
             parameters, fd = result.parameters, result.framewise_displacement
         else:
             self._results["out_file"] = self.inputs.in_file
@@ -181,11 +188,12 @@ class SmoothCTP(SimpleInterface):
         spacing = images.spacing(self.inputs.in_file)
         sigma = (self.inputs.sigma_mm if isdefined(self.inputs.sigma_mm)
                  else preprocess.smoothing_sigma(noise, spacing))
-        smoothed = preprocess.cross_bilateral(data, spacing, sigma, noise, self.inputs.n_threads,
-                                              frame_sd)
+        smoothed = images.create_like(self.inputs.in_file, "ctp_smooth.nii", data.shape)
+        preprocess.cross_bilateral(data, spacing, sigma, noise, self.inputs.n_threads, frame_sd,
+                                   out=smoothed)
+        smoothed.flush()
         self._results["sigma_mm"] = sigma
-        self._results["out_file"] = images.save_like(smoothed, self.inputs.in_file,
-                                                     "ctp_smooth.nii")
+        self._results["out_file"] = smoothed.filename
         self._results["noise_sd"] = noise
         return runtime
 

@@ -384,14 +384,17 @@ def _improves(reference, moving, parameters, spacing, origin, margin=0.95) -> bo
     return bool(after < margin * before)
 
 
-def correct_motion(data: np.ndarray, spacing, reference: int | None = None, n_threads: int = 1, skip_below_mm: float = SKIP_BELOW_MM) -> MotionResult:
+def correct_motion(data: np.ndarray, spacing, reference: int | None = None, n_threads: int = 1,
+                   skip_below_mm: float = SKIP_BELOW_MM, out: np.ndarray | None = None) -> MotionResult:
     """Rigidly register every frame of ``data`` (i, j, k, t) to the reference frame and resample it.
 
     ``spacing``: voxel size (mm) along i, j, k.  ``reference``: frame index (default 0).
     ``n_threads``: frames registered in parallel threads (SimpleITK and numpy release the GIL
     while they work); each frame then starts from the identity instead of the previous
     frame's solution.  ``skip_below_mm``: frames whose linearised motion estimate (FD units) is below
-    this are left untouched; 0 registers every frame.  See the module docstring for the
+    this are left untouched; 0 registers every frame.  ``out``: float32 array of ``data``'s
+    shape to write the corrected series into (e.g. a memory-mapped file), else a new one.  See
+    the module docstring for the
     conventions of the returned parameters and FD.
     """
     data = np.asarray(data)
@@ -425,7 +428,7 @@ def correct_motion(data: np.ndarray, spacing, reference: int | None = None, n_th
     ref_c, ref_f = pyramid(data[..., ref_index])
     levels = [_Level(ref_c, c_spacing, c_origin), _Level(ref_f, ds_spacing, ds_origin)]
 
-    corrected = np.empty(data.shape, dtype=np.float32, order="F")
+    corrected = np.empty(data.shape, dtype=np.float32, order="F") if out is None else out
     params = np.zeros((n_t, 6))
     still = np.zeros(6)
 

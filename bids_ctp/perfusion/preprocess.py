@@ -177,11 +177,12 @@ def neighbourhood(spacing, sigma_mm: float):
 
 def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
                     noise_sd: float | None = None, n_threads: int = 1,
-                    frame_noise_sd=None) -> np.ndarray:
+                    frame_noise_sd=None, out: np.ndarray | None = None) -> np.ndarray:
     """Edge-preserving smoothing of a 4D series (x, y, z, t) guided by a weighted time average.
 
-    Returns a new float32 array. Processed in slabs along the third axis (with a halo), in
-    ``n_threads`` threads, so memory stays at a few frames' worth beyond input and output.
+    Returns a new float32 array, or ``out`` (same shape, e.g. a memory-mapped file) filled.
+    Processed in slabs along the third axis (with a halo), in ``n_threads`` threads, so memory
+    stays at a few frames' worth beyond input and output.
     ``sigma_mm`` defaults to :func:`smoothing_sigma` of the estimated noise.
 
     The range weights of the last step come from the guide's adaptive smoothing (module
@@ -203,7 +204,10 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
     frame_sd = (noise_sd * relative_frame_noise(sample) if frame_noise_sd is None
                 else np.asarray(frame_noise_sd, float))
     guide_var = max(float(np.sum((frame_weights * frame_sd) ** 2)), 1e-6)
-    out = data.copy()
+    if out is None:
+        out = data.copy()
+    else:
+        out[...] = data
     # Air around the head needs no smoothing: work inside the head's bounding box only.
     head = np.argwhere((guide > AIR_HU).any(axis=2))
     if head.size == 0:
