@@ -240,6 +240,7 @@ class _CurvesInput(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="smoothed 4D CTP")
     mask = File(exists=True, mandatory=True)
     frame_times = traits.List(traits.Float, mandatory=True)
+    n_threads = traits.Int(1, usedefault=True, desc="threads of the baseline's denoising")
 
 
 class _CurvesOutput(TraitedSpec):
@@ -266,7 +267,8 @@ class EnhancementCurves(SimpleInterface):
         n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
         base = preprocess.denoise_baseline(
             curves.baseline(data, n_baseline, self.inputs.source),
-            images.spacing(self.inputs.in_file), preprocess.estimate_noise(data), n_baseline)[brain]
+            images.spacing(self.inputs.in_file), preprocess.estimate_noise(data), n_baseline,
+            self.inputs.n_threads)[brain]
         enhancement = tissue - base[:, None]
         ttp = curves.time_to_peak(times, enhancement)
         self._results["qc_flags"] = (
@@ -324,7 +326,9 @@ class SelectVessels(SimpleInterface):
         spacing = images.spacing(inp.mask)
         search = (tissue, voxels, brain.shape, times, spacing, inp.source)
         clusters = None
-        moved = isdefined(inp.motion_parameters) and np.any(inp.motion_parameters)
+        automatic = not (isdefined(inp.aif_mask) and isdefined(inp.vof_mask))
+        # only automatic selection uses the motion model
+        moved = automatic and isdefined(inp.motion_parameters) and np.any(inp.motion_parameters)
         motion_model = {"motion_parameters": inp.motion_parameters if moved else None,
                         "edge": (motion.edge_strength(_unenhanced_head(inp, data)[0], spacing)
                                  if moved else None)}

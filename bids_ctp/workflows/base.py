@@ -60,14 +60,15 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
     moco = pe.Node(MotionCorrection(enabled=getattr(options, "motion_correction", True),
                                     n_threads=threads), name="motion", n_procs=threads)
     smooth = pe.Node(SmoothCTP(n_threads=threads), name="smooth", n_procs=threads)
-    if getattr(options, "plugin", None) in ("SLURM", "SLURMGraph") and threads > 1:
-        for node in (moco, smooth):  # appended to the run's sbatch_args
-            node.plugin_args = {"sbatch_args": f"--cpus-per-task={threads}", "overwrite": False}
     source = ctp_input.path.name  # named in data-error messages
     brain = pe.Node(BrainMask(source=source), name="brain_mask")
     if ctp_input.brain_mask is not None:
         brain.inputs.user_mask = os.fspath(ctp_input.brain_mask)
-    enhancement = pe.Node(EnhancementCurves(frame_times=times, source=source), name="curves")
+    enhancement = pe.Node(EnhancementCurves(frame_times=times, source=source, n_threads=threads),
+                          name="curves", n_procs=threads)
+    if getattr(options, "plugin", None) in ("SLURM", "SLURMGraph") and threads > 1:
+        for node in (moco, smooth, enhancement):  # appended to the run's sbatch_args
+            node.plugin_args = {"sbatch_args": f"--cpus-per-task={threads}", "overwrite": False}
     aif = pe.Node(SelectVessels(frame_times=times, source=source,
                                 vof_scaling=getattr(options, "vof_scaling", True)), name="aif")
     for kind in ("aif", "vof"):
