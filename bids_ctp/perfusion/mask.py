@@ -14,6 +14,14 @@ SOFT_TISSUE_HU = (-30.0, BONE_HU)  # CSF (~5 HU) up to enhanced blood in the tim
 SKULL_GAP_MM = 2.0  # sutures and partial-volumed thin bone up to this width are sealed
 BRIDGE_MM = 1.5  # soft-tissue bridges thinner than this (through foramina) are cut
 OPENING_MM = 3.5  # the brain spreads between slices only through soft tissue wider than 2x this in-plane
+# Soft tissue reaches the brain in 3D only through voxels that see bone in at least this many of
+# the 8 in-plane directions (axes and diagonals) within their slice: brain at the skull base sees
+# bone nearly all round; neck, face, eyes, ears and scalp see air on one side. Without it, a
+# whole-brain scan (0.45 x 0.45 x 0.5 mm, 160 mm) grew from the brainstem into the neck, then
+# face, eyes and ears: Dice 0.918 -> 0.993. 5 rather than 6 keeps the brain under a
+# craniectomy (bone removed right of +40 mm in the top 80 % of slices: Dice 0.94 before, 0.96
+# with 5, 0.83 with 6).
+MIN_BONE_DIRECTIONS = 5
 IN_PLANE = 1e6  # slice spacing stand-in that makes the 3D distance transforms measure in-plane distances
 # Less bone than this and the image is taken as skull-stripped (or a digital reference object):
 # calcifications (pineal, choroid plexus) stay well below, a 1 cm slab of skull is ~25 mL.
@@ -81,6 +89,30 @@ def bony_channels(skull: np.ndarray, width_mm: float, spacing, slice_axis: int) 
     return channels & ~skull
 
 
+def _shifted(a: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """``a`` moved by (-dx, -dy) voxels along its first two axes: out[i, j] = a[i + dx, j + dy],
+    False beyond the grid."""
+    out = np.zeros_like(a)
+    nx, ny = a.shape[:2]
+    out[max(-dx, 0):nx - max(dx, 0), max(-dy, 0):ny - max(dy, 0)] = \
+        a[max(dx, 0):nx + min(dx, 0), max(dy, 0):ny + min(dy, 0)]
+    return out
+
+
+def bone_directions(bone: np.ndarray, slice_axis: int) -> np.ndarray:
+    """For every voxel, in how many of the 8 in-plane directions (along the two in-plane voxel
+    axes and their diagonals) its slice holds bone somewhere (uint8, 0-8)."""
+    planes = np.moveaxis(bone, slice_axis, -1)
+    count = np.zeros(planes.shape, np.uint8)
+    for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1)):
+        seen, k = planes.copy(), 1
+        while k < max(planes.shape[:2]):  # doubling: bone at any of 2k steps along (dx, dy)
+            seen |= _shifted(seen, k * dx, k * dy)
+            k *= 2
+        count += seen
+    return np.moveaxis(count, -1, slice_axis)
+
+
 def slice_axis_from_affine(affine: np.ndarray) -> int:
     """Voxel axis closest to the head's inferior-superior world axis (axial slice stacking)."""
     directions = np.asarray(affine)[:3, :3] / np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
@@ -101,7 +133,9 @@ def brain_mask(mean_image: np.ndarray, spacing, slice_axis: int = 2) -> np.ndarr
     the temporal lobes, cerebellum and brainstem but not through openings narrower than
     2 * OPENING_MM into orbit, face, neck or temporal muscle.  The eroded region is grown back by
     OPENING_MM plus one pixel within the soft tissue, and soft tissue inside bony channels
-    narrower than 2 * OPENING_MM (the mouth of a fissure) is left out.
+    narrower than 2 * OPENING_MM (the mouth of a fissure) is left out.  The growth passes only
+    through voxels that see bone in MIN_BONE_DIRECTIONS of 8 in-plane directions: with whole-head
+    coverage the brainstem reaches below the skull into the neck, whose tissue sees air.
     """
     spacing = tuple(float(s) for s in spacing)
     if not has_skull(mean_image, spacing):
@@ -112,7 +146,7 @@ def brain_mask(mean_image: np.ndarray, spacing, slice_axis: int = 2) -> np.ndarr
     skull = erode(dilate(bone, SKULL_GAP_MM, spacing), SKULL_GAP_MM, spacing) | bone
     soft = soft_tissue(mean_image) & ~skull
     channels = bony_channels(skull, 2.0 * OPENING_MM, plane, slice_axis)
-    wide = erode(soft, OPENING_MM, plane)
+    wide = erode(soft, OPENING_MM, plane) & (bone_directions(bone, slice_axis) >= MIN_BONE_DIRECTIONS)
     seed = fill_holes_per_slice(skull, slice_axis) & wide
     if not seed.any():
         return np.zeros(mean_image.shape, dtype=bool)
