@@ -349,11 +349,12 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     if not keep.any():  # e.g. a weak, cut-off AIF: no curve is clearly tissue, use them all
         keep[:] = True
     step = max(1, int(keep.sum()) // SHAPE_SELECTION_VOXELS)
-    tissue = tissue[keep][::step]
+    sample = np.flatnonzero(keep)[::step]  # indices: no copy of every kept curve first
+    tissue = tissue[sample]
     if weights is not None:
-        weights = np.asarray(weights, dtype=np.float32)[keep][::step]
+        weights = np.asarray(weights, dtype=np.float32)[sample]
     if nuisance is not None:
-        nuisance = _orthonormal(np.asarray(nuisance)[keep][::step], weights)
+        nuisance = _orthonormal(np.asarray(nuisance)[sample], weights)
     # what the regressors alone explain is no family's residual
     residual = tissue if nuisance is None else _without_regressor(tissue, nuisance, weights)
     total = np.einsum("ij,ij->i", residual if weights is None else weights * residual, residual)
@@ -512,11 +513,12 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     tissue = np.asarray(tissue, dtype=np.float32)
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float32)
-    if nuisance is not None:
-        nuisance = _orthonormal(nuisance, weights)
 
-    def rows_of(array, rows):
-        return None if array is None else array[rows]
+    def regressors_of(rows):
+        """The rows' nuisance regressors (orthonormal) and weights; per chunk, so a whole-brain
+        series' regressors are never copied whole."""
+        w = None if weights is None else weights[rows]
+        return None if nuisance is None else _orthonormal(nuisance[rows], w), w
 
     flow = np.empty(len(tissue), dtype=np.float32)
     delay = np.empty(len(tissue), dtype=np.float32)
@@ -527,7 +529,7 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     chunk_size = max(1, CHUNK_VOXELS // 16)
     for start in range(0, len(tissue), chunk_size):
         sl = slice(start, start + chunk_size)
-        score, _ = _explained(tissue[sl], basis, norm2, rows_of(nuisance, sl), rows_of(weights, sl))
+        score, _ = _explained(tissue[sl], basis, norm2, *regressors_of(sl))
         best[sl] = np.argmax(score, axis=1)
     # voxels with the same coarse optimum share their local grid: one matrix product each
     order = np.argsort(best, kind="stable")
@@ -536,7 +538,7 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
         for start in range(0, len(group), chunk_size):
             rows = group[start : start + chunk_size]
             local_score, local_amp = _explained(tissue[rows], local_basis, local_norm2,
-                                                rows_of(nuisance, rows), rows_of(weights, rows))
+                                                *regressors_of(rows))
             a, b = np.divmod(np.argmax(local_score, axis=1), len(reach_m))
             area = local_amp[np.arange(len(rows)), a * len(reach_m) + b] * local_mtt[b]
             # the vertex needs a full 3 x 3 neighbourhood inside the local grid

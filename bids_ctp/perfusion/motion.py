@@ -244,18 +244,17 @@ def residual_motion_regressor(parameters, edge: np.ndarray, spacing, brain: np.n
     freedom. Returns (n_brain, k, T) float32, or None when no voxel qualifies (a still head).
     """
     voxels = np.argwhere(brain)
-    shift = slice_displacement(parameters, brain.shape, spacing, voxels)
-    clean = edge[brain] * np.abs(shift).max(axis=1) < min_artefact_hu
+    parameters = np.asarray(parameters, float)
+    # filled in place: a whole brain's regressors are GBs
+    regressors = np.zeros((len(voxels), 1 if scene is None else 2, len(parameters)), np.float32)
+    regressors[:, 0] = slice_displacement(parameters, brain.shape, spacing, voxels)
+    clean = edge[brain] * np.abs(regressors[:, 0]).max(axis=1) < min_artefact_hu
     if clean.all():
         return None
-    regressors = [shift]
     if scene is not None:
-        blur = np.zeros_like(shift)
-        for t, p in enumerate(np.asarray(parameters, float)):
+        for t, p in enumerate(parameters):
             if np.any(p):
-                blur[:, t] = (round_trip(scene, spacing, p) - scene)[brain]
-        regressors.append(blur)
-    regressors = np.stack(regressors, axis=1)
+                regressors[:, 1, t] = (round_trip(scene, spacing, p) - scene)[brain]
     regressors -= regressors[..., : max(1, int(baseline_frames))].mean(axis=2, keepdims=True)
     regressors[clean] = 0.0
     return regressors
@@ -278,8 +277,12 @@ def artefact_weights(regressor: np.ndarray, edge: np.ndarray, noise_sd: float) -
     if regressor.ndim == 3:  # the displacement, as above
         regressor = regressor[:, 0]
     edge = np.float32(ARTEFACT_FRACTION) * np.asarray(edge, np.float32)[:, None]
-    artefact = edge * np.abs(regressor)
-    return (1.0 / (1.0 + (artefact / np.float32(max(noise_sd, 1e-3))) ** 2)).astype(np.float32)
+    weights = np.abs(regressor).astype(np.float32)  # then in place: one (n_brain, T) array
+    weights *= edge
+    weights /= np.float32(max(noise_sd, 1e-3))
+    np.square(weights, out=weights)
+    weights += np.float32(1.0)
+    return np.reciprocal(weights, out=weights)
 
 
 # ---------------------------------------------------------------- registration
