@@ -1,7 +1,7 @@
 """Wall time and peak memory of one participant run on a generated phantom.
 
 Usage: python benchmarks/speed.py [--shape NX NY NZ] [--spacing SX SY SZ] [--frames N]
-                                  [--noise HU] [--memory-limit-gib G] [--keep DIR]
+                                  [--noise HU] [--motion MM] [--memory-limit-gib G] [--keep DIR]
 Defaults: the seed-size scan 220x220x16x55 at 1x1x5 mm. Prints the time of a fresh run, of a
 cached rerun, and the peak resident memory of the run (rusage: anonymous memory plus the pages
 of memory-mapped intermediate files it touched, which the kernel can drop).
@@ -84,6 +84,7 @@ def main():
     parser.add_argument("--frames", type=int, default=55)
     parser.add_argument("--frame-interval", type=float, default=1.0)
     parser.add_argument("--noise", type=float, default=10.0)
+    parser.add_argument("--motion", type=float, help="simulated head motion (mm and degrees)")
     parser.add_argument("--memory-limit-gib", type=float)
     parser.add_argument("--keep", type=Path, help="work here and keep the data and outputs")
     args = parser.parse_args()
@@ -91,7 +92,7 @@ def main():
         tmp = args.keep or Path(tmp)
         make_dataset(tmp / "bids", shape=tuple(args.shape), spacing=tuple(args.spacing),
                      n_frames=args.frames, frame_interval=args.frame_interval,
-                     noise_hu=args.noise)
+                     noise_hu=args.noise, motion=args.motion)
         cmd = [sys.executable, "-m", "bids_ctp", str(tmp / "bids"), str(tmp / "out"),
                "participant", "-w", str(tmp / "work")]
         cgroup = memory_cgroup(args.memory_limit_gib) if args.memory_limit_gib else None

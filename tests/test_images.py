@@ -55,3 +55,23 @@ def test_memory_mapped_output_keeps_the_grid(tmp_path, monkeypatch):
     assert img.header.get_zooms()[:3] == pytest.approx((0.4, 0.5099, 2.5), abs=1e-4)
     mask = nb.load(images.save_like(values[..., 0] > 100, tmp_path / "ref.nii.gz", "m.nii", np.uint8))
     np.testing.assert_array_equal(np.asarray(mask.dataobj), (values[..., 0] > 100).astype(np.uint8))
+
+
+def test_full_disk_is_a_one_line_output_error_and_leaves_no_file(tmp_path, monkeypatch):
+    """The space is reserved before the memory map is written: writing a map past a full disk
+    kills the process (SIGBUS) without a message."""
+    import errno
+    import os
+
+    from bids_ctp.errors import OutputError
+
+    _scaled_int16(tmp_path / "ref.nii.gz", "<")
+    monkeypatch.chdir(tmp_path)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(OutputError, match=r"series.nii \(0.0034 GB\) in the work directory: No space left"):
+        images.create_like(tmp_path / "ref.nii.gz", "series.nii", (20, 20, 20, 106))
+    assert not (tmp_path / "series.nii").exists()

@@ -20,7 +20,7 @@ import nibabel as nb
 import numpy as np
 from nibabel.openers import ImageOpener
 
-from bids_ctp.errors import DataError, one_line
+from bids_ctp.errors import DataError, OutputError, one_line
 
 LOGGER = logging.getLogger("bids_ctp.images")
 
@@ -277,8 +277,21 @@ def create_like(reference, filename: str, shape, dtype=np.float32) -> np.memmap:
     header.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
     header.set_data_offset(352)
     out = os.path.abspath(filename)
-    with open(out, "wb") as f:
-        header.write_to(f)
+    size = 352 + math.prod(shape) * np.dtype(dtype).itemsize
+    try:
+        with open(out, "wb") as f:
+            header.write_to(f)
+            # reserve the disk space now: a memory map written past a full disk kills the
+            # process (SIGBUS) without a message
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, size)
+            else:  # pragma: no cover (macOS)
+                f.truncate(size)
+    except OSError as err:
+        if os.path.exists(out):
+            os.remove(out)
+        raise OutputError(f"cannot write {out} ({size / 1e9:.2g} GB) in the work directory: "
+                          f"{err.strerror or err}") from None
     return np.memmap(out, dtype=header.get_data_dtype(), mode="r+", offset=352,
                      shape=tuple(shape), order="F")
 
