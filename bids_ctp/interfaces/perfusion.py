@@ -63,7 +63,7 @@ class LoadCTP(SimpleInterface):
                         bad = ~np.isfinite(frame)
                         if bad.any():
                             n_bad += int(bad.sum())
-                            first_bad = first_bad or tuple(int(i) for i in np.argwhere(bad)[0]) + (t,)
+                            first_bad = first_bad or (*np.argwhere(bad)[0].tolist(), t)
                             continue
                     data[..., t] = frame
                     low, high = min(low, float(frame.min())), max(high, float(frame.max()))

@@ -146,7 +146,8 @@ def brain_mask(mean_image: np.ndarray, spacing, slice_axis: int = 2) -> np.ndarr
     skull = erode(dilate(bone, SKULL_GAP_MM, spacing), SKULL_GAP_MM, spacing) | bone
     soft = soft_tissue(mean_image) & ~skull
     channels = bony_channels(skull, 2.0 * OPENING_MM, plane, slice_axis)
-    wide = erode(soft, OPENING_MM, plane) & (bone_directions(bone, slice_axis) >= MIN_BONE_DIRECTIONS)
+    enclosed = bone_directions(bone, slice_axis) >= MIN_BONE_DIRECTIONS
+    wide = erode(soft, OPENING_MM, plane) & enclosed
     seed = fill_holes_per_slice(skull, slice_axis) & wide
     if not seed.any():
         return np.zeros(mean_image.shape, dtype=bool)
