@@ -239,6 +239,14 @@ def _strongest(indices, strength):
     return indices[keep][order][:MAX_AIF_VOXELS]
 
 
+def _least_moved_half(motion_parameters, edge, spacing, voxels, among=slice(None)):
+    """Which ``voxels`` (n, 3) expect a motion artefact (``motion.expected_artefact_hu``) no
+    larger than the median of those selected by ``among``: the half that head motion can fill
+    least with bone."""
+    artefact = expected_artefact_hu(motion_parameters, edge, spacing, voxels)
+    return artefact <= np.median(artefact[among])
+
+
 def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
                source: str = "image", clusters=None, motion_parameters=None,
                edge=None) -> VesselCurve:
@@ -261,9 +269,7 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
         # AIF's area 2.3x too large and every MTT 70 % low. Only then: applied to every moving
         # scan, it took 2 mm pixels' AIF to worse voxels (CBF +50 %).
         centre = strength >= CENTRE_FRACTION * strength.max()
-        artefact = expected_artefact_hu(motion_parameters, edge, spacing,
-                                        voxels[chosen[centre]])
-        steady = artefact <= np.median(artefact)
+        steady = _least_moved_half(motion_parameters, edge, spacing, voxels[chosen[centre]])
         retry = vessel_curve(enhancement, voxels,
                              _strongest(chosen[centre][steady], strength[centre][steady]), times)
         if retry.shape_score > aif.shape_score:
@@ -312,8 +318,7 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
         # A few sinus voxels next to bone can keep a bone plateau between two jerks after
         # correction; ranked by area they were chosen alone (4 voxels, VOF area +26 %, all
         # CBF -30 % on a 2 mm motion phantom). Keep the half that motion reaches least.
-        artefact = expected_artefact_hu(motion_parameters, edge, spacing, voxels[members])
-        common &= artefact <= np.median(artefact[common])
+        common &= _least_moved_half(motion_parameters, edge, spacing, voxels[members], common)
     if baseline is not None and (baseline > BONE_HU).any():
         # and in the sinus' half farthest from bone: the sinus runs along the skull, and next
         # to bone the motion correction's interpolation across thick slices adds bone HU to

@@ -396,9 +396,8 @@ def correct_motion(data: np.ndarray, spacing, reference: int | None = None, n_th
     while they work); each frame then starts from the identity instead of the previous
     frame's solution.  ``skip_below_mm``: frames whose linearised motion estimate (FD units) is below
     this are left untouched; 0 registers every frame.  ``out``: float32 array of ``data``'s
-    shape to write the corrected series into (e.g. a memory-mapped file), else a new one.  See
-    the module docstring for the
-    conventions of the returned parameters and FD.
+    shape to write the corrected series into (e.g. a memory-mapped file), else a new one.
+    See the module docstring for the conventions of the returned parameters and FD.
     """
     data = np.asarray(data)
     if data.ndim != 4:
