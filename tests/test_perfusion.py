@@ -503,6 +503,30 @@ def test_aif_leaves_out_artery_voxels_the_motion_can_fill_with_bone(monkeypatch)
     assert {tuple(v) for v in clean_moved.voxels} == {tuple(v) for v in clean.voxels}
 
 
+def test_aif_is_not_a_bone_edge_cluster_the_motion_made_early():
+    """After head motion, a CSF voxel pair next to bone can carry a bolus-shaped artefact
+    peaking before the arteries (2.5 mm slices, 2 mm motion: a one-voxel AIF in CSF, CBF
+    +108 %). Given the motion, a cluster whose expected artefact exceeds its enhancement is
+    no vessel, and the artery centre is the AIF again."""
+    spacing = (1.0, 1.0, 5.0)
+    enh, vox, artery, _ = _vessel_volume()
+    pair = np.array([(15, 5, 1), (15, 5, 2)])
+    early_bump = 0.5 * arterial_input(T_VESSELS + 3.0)  # 3 s before the artery
+    enh[np.ravel_multi_index(tuple(pair.T), VESSEL_SHAPE)] = early_bump
+    baseline = np.full(VESSEL_SHAPE, 35.0, np.float32)
+    baseline[16, 4:7, :] = 1200.0  # bone beside the pair
+    motion = np.zeros((len(T_VESSELS), 6))
+    motion[:, 5] = np.linspace(0.0, 1.0, len(T_VESSELS))  # 1 mm drift through the slices
+    edge = mo.edge_strength(baseline, spacing)
+    assert mo.expected_artefact_hu(motion, edge, spacing, pair).min() > early_bump.max()
+    fooled = af.select_aif(enh, vox, VESSEL_SHAPE, T_VESSELS, spacing)
+    assert {tuple(v) for v in fooled.voxels} == {tuple(v) for v in pair}  # construction check
+    aif = af.select_aif(enh, vox, VESSEL_SHAPE, T_VESSELS, spacing, motion_parameters=motion,
+                        edge=edge)
+    assert {tuple(v) for v in aif.voxels} <= {tuple(v) for v in ARTERY_CORE}
+    assert aif.peak_hu == pytest.approx(artery.max(), rel=0.05)
+
+
 def test_select_vof_picks_sinus_and_scaling_undoes_partial_volume():
     # artery at 60 % (partial volume), sinus carrying the full-area VOF
     enh, vox, artery, vein = _vessel_volume(artery_scale=0.6, vein_scale=None)

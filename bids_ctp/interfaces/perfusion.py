@@ -335,7 +335,8 @@ class SelectVessels(SimpleInterface):
         if isdefined(inp.aif_mask):
             aif = self._user_curve(inp.aif_mask, times)
         else:
-            clusters = aif_stage.vessel_clusters(*search)  # no vessel at all: a data error
+            # no vessel at all: a data error
+            clusters = aif_stage.vessel_clusters(*search, **motion_model)
             aif = aif_stage.select_aif(*search, clusters=clusters, **motion_model)
         if isdefined(inp.vof_mask):
             vof = self._user_curve(inp.vof_mask, times)

@@ -357,11 +357,18 @@ def _offset_average(values, estimate, penalty, offsets, spatial_w, n_threads, ou
             minus_pen = -penalty[x0:x1, :, z0:z1]
             acc = np.zeros(d[core].shape, dtype=np.float32)
             wsum = np.zeros(g0.shape, dtype=np.float32)
+            # in place, in two buffers: the exp of every (voxel, offset) pair is the work here
+            w, wd = np.empty_like(wsum), np.empty_like(acc)
             for (ox, oy, oz), ws in zip(offsets, spatial_w):
                 sl = tuple(slice(c.start + o, c.stop + o) for c, o in zip(core, (ox, oy, oz)))
-                w = np.exp(minus_pen * (g[sl] - g0) ** 2) * ws
+                np.subtract(g[sl], g0, out=w)
+                np.square(w, out=w)
+                w *= minus_pen
+                np.exp(w, out=w)
+                w *= ws
                 wsum += w
-                acc += w[..., None] * d[sl]
+                np.multiply(w[..., None], d[sl], out=wd)
+                acc += wd
             out[x0:x1, :, z0:z1] = acc / wsum[..., None]
             wsum_out[x0:x1, :, z0:z1] = wsum
 
