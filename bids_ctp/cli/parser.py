@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "correction is on by default; a still series costs about 0.5 s)")
     model.add_argument("--no-vof-scaling", "--no_vof_scaling", dest="vof_scaling",
                        action="store_false",
-                       help="do not scale the AIF so that its first-pass area equals the venous "
-                            "output function's (the scaling corrects partial volume in the artery; "
-                            "it is never applied to make the AIF smaller)")
+                       help="do not scale the AIF so that its area equals the venous output "
+                            "function's (the scaling corrects partial volume in the artery; it is "
+                            "never applied to make the AIF smaller)")
     model.add_argument("--density", type=_positive_float, default=1.05, metavar="G_PER_ML",
                        help="brain tissue density in g/mL, converts CBF/CBV to per-100-g units "
                             "(default: %(default)s)")

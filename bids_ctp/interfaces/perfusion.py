@@ -346,7 +346,8 @@ class SelectVessels(SimpleInterface):
                                            **motion_model)
             except DataError:  # only reached with a user AIF: no VOF then (flagged below)
                 vof = None
-        scale = aif_stage.vof_scale_factor(aif, vof) if inp.vof_scaling else 1.0
+        factor, transit, _ = aif_stage.vof_scaling(aif, vof)
+        scale = factor if inp.vof_scaling else 1.0
         self._results["qc_flags"] = aif_stage.vessel_problems(aif, vof)
         self._results["aif"] = [float(v) * scale for v in aif.curve]
         self._results["aif_measured"] = [float(v) for v in aif.curve]
@@ -358,7 +359,7 @@ class SelectVessels(SimpleInterface):
         self._results["vof"] = [] if vof is None else [float(v) for v in vof.curve]
         self._results["vof_mask"] = self._save_voxels(vof, brain.shape, "vof_mask.nii")
         self._results["vof_info"] = {} if vof is None else {
-            **_vessel_info(vof),
+            **_vessel_info(vof), "VenousTransitFit": transit,
             "Selection": "user mask" if isdefined(inp.vof_mask) else "automatic"}
         return runtime
 
