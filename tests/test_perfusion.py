@@ -577,6 +577,23 @@ def test_vof_ignores_sinus_voxels_whose_tail_moved_with_bone():
     assert af.vof_scale_factor(aif, vof) == pytest.approx(clean_scale, rel=0.02)
 
 
+def test_vof_ignores_a_few_sinus_voxels_far_brighter_than_the_rest():
+    """Full-volume sinus voxels share one first-pass area; two whose whole bolus came out 40 %
+    larger (bone moved across them with the bolus) are artefact, not the sinus' true level.
+    Ranked against the brightest voxel they were the whole VOF (2.5 mm slices, 2 mm motion:
+    scale 1.49, every CBF -28...-40 %); the VOF keeps to the sinus' common plateau."""
+    enh, vox, artery, vein = _vessel_volume(artery_scale=0.6, vein_scale=None)
+    aif = af.select_aif(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0))
+    clean_scale = af.vof_scale_factor(
+        aif, af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0)))
+    bright = SINUS[:2]
+    enh[np.ravel_multi_index(tuple(bright.T), VESSEL_SHAPE)] *= 1.4
+    vof = af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0))
+    assert not {tuple(v) for v in vof.voxels} & {tuple(v) for v in bright}
+    assert len(vof.voxels) > 10
+    assert af.vof_scale_factor(aif, vof) == pytest.approx(clean_scale, rel=0.02)
+
+
 def test_vof_keeps_away_from_bone():
     """Half of a sinus running along the skull (slices 2-3 of 5 mm, bone beside it in slice 3):
     motion correction's interpolation across thick slices adds bone HU to those voxels' whole
@@ -603,7 +620,7 @@ def test_vof_keeps_away_from_bone():
 
 
 def test_vof_leaves_out_sinus_voxels_the_motion_can_fill_with_bone():
-    """Between two jerks a bone plateau stays in a few rim voxels of the sinus, next to the
+    """Between two jerks a bone plateau stays in the rim voxels of the sinus, next to the
     brain mask's edge (no bone > 250 HU inside the mask to keep away from). Ranked by area
     they were chosen alone (a 2 mm motion phantom: 4 voxels, VOF area +26 %, CBF -30 %);
     given the motion, the VOF keeps to the half of the sinus the displacement reaches least."""
@@ -612,12 +629,12 @@ def test_vof_leaves_out_sinus_voxels_the_motion_can_fill_with_bone():
     aif = af.select_aif(enh, vox, VESSEL_SHAPE, T_VESSELS, spacing)
     clean_scale = af.vof_scale_factor(aif, af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS,
                                                          spacing))
-    rim = SINUS[(SINUS[:, 0] == 18) & (SINUS[:, 2] == 3)]
+    rim = SINUS[SINUS[:, 0] == 18]  # a fifth of the sinus: more than its top tenth
     between_jerks = (T_VESSELS >= 20) & (T_VESSELS < 34)
     enh[np.ravel_multi_index(tuple(rim.T), VESSEL_SHAPE)] += np.where(between_jerks,
                                                                       0.3 * vein.max(), 0.0)
     baseline = np.full(VESSEL_SHAPE, 35.0, np.float32)
-    baseline[:18, :, 3] = 0.0  # outside the brain mask
+    baseline[:18] = 0.0  # outside the brain mask
     motion = np.zeros((len(T_VESSELS), 6))
     motion[between_jerks, 5] = 1.0  # 1 mm along the slice axis
     fooled = af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS, spacing, baseline=baseline)

@@ -44,6 +44,11 @@ MIN_AIF_PEAK_HU = 100.0  # weaker arterial enhancement makes every map noisy
 # their peak against 3 % in truth, and gave a VOF scale of 1.49 where a still head gives
 # 1.016; with this tolerance 1.04, with 0.05 1.06).
 VOF_TAIL_TOLERANCE = 0.03
+# The VOF's voxels: first-pass areas within CENTRE_FRACTION of (above: 1 / CENTRE_FRACTION
+# times) this percentile of the sinus'. Full-volume sinus voxels share one area, so a few far
+# above it carry bone (2.5 mm slices, 2 mm motion: 2 of 340 at 3929 against a plateau of
+# 2775 had become the whole VOF, scale 1.49, every CBF and CBV -28...-40 %).
+VOF_REFERENCE_PERCENTILE = 90
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 # venous_transit_fit: time step (s) of its convolution, and (start, lower, upper) of scale,
 # kernel shape and mean transit (s)
@@ -279,9 +284,13 @@ def vessel_curve(enhancement, voxels, chosen, times) -> VesselCurve:
                        shape_score=float(bolus_shape(times, curve[None])[0][0]), times=times)
 
 
-def _strongest(indices, strength):
-    """The members of ``indices`` reaching CENTRE_FRACTION of the strongest, strongest first."""
-    keep = strength >= CENTRE_FRACTION * strength.max()
+def _strongest(indices, strength, reference=None):
+    """The members of ``indices`` reaching CENTRE_FRACTION of the strongest (of ``reference``
+    and at most ``reference`` / CENTRE_FRACTION, when given), strongest first."""
+    if reference is None:
+        keep = strength >= CENTRE_FRACTION * strength.max()
+    else:
+        keep = (strength >= CENTRE_FRACTION * reference) & (strength <= reference / CENTRE_FRACTION)
     order = np.argsort(strength[keep])[::-1]
     return indices[keep][order][:MAX_AIF_VOXELS]
 
@@ -374,7 +383,9 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
         from_bone = ndimage.distance_transform_edt(baseline <= BONE_HU, sampling=spacing)
         from_bone = from_bone[tuple(voxels[members].T)]
         common &= from_bone >= np.median(from_bone[common])
-    return vessel_curve(enhancement, voxels, _strongest(members[common], area[common]), times)
+    area = area[common]
+    return vessel_curve(enhancement, voxels, _strongest(
+        members[common], area, np.percentile(area, VOF_REFERENCE_PERCENTILE)), times)
 
 
 def venous_transit_fit(aif: VesselCurve, vof: VesselCurve) -> dict:
