@@ -49,6 +49,11 @@ VOF_TAIL_TOLERANCE = 0.03
 # above it carry bone (2.5 mm slices, 2 mm motion: 2 of 340 at 3929 against a plateau of
 # 2775 had become the whole VOF, scale 1.49, every CBF and CBV -28...-40 %).
 VOF_REFERENCE_PERCENTILE = 90
+# The AIF's voxels: peaks within CENTRE_FRACTION of (above: 1 / CENTRE_FRACTION times) the
+# early clusters' AIF_REFERENCE_RANK-th highest peak (a rank, not a percentile: artery centres
+# are few among their partial-volume rims). 2 mm motion, 220 HU bolus: 3 voxels at 296 HU
+# against the arteries' 234 had become the whole AIF, every CBV -39...-51 %.
+AIF_REFERENCE_RANK = 5
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 # venous_transit_fit: time step (s) of its convolution, and (start, lower, upper) of scale,
 # kernel shape and mean transit (s)
@@ -318,17 +323,21 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     early = np.isin(cluster_of,
                     np.flatnonzero(arterial_ttp <= arterial_ttp.min() + EARLY_WINDOW_S))
     chosen, strength = candidates[early], peak[early]
-    aif = vessel_curve(enhancement, voxels, _strongest(chosen, strength), times)
+    # Full-volume artery centres share one peak: the AIF_REFERENCE_RANK-th highest stands for
+    # it, so that a few voxels far above it (bone moved in with the bolus) cannot set the bar
+    reference = np.sort(strength)[-min(AIF_REFERENCE_RANK, strength.size)]
+    aif = vessel_curve(enhancement, voxels, _strongest(chosen, strength, reference), times)
     if aif.shape_score < MIN_BOLUS_SHAPE and edge is not None and motion_parameters is not None:
         # Not bolus-shaped after head motion: try the half of the artery centres that the
         # motion can fill least with bone from the next slice, as for the VOF. At 0.45 mm
         # pixels a +130 HU step after a jerk in the strongest voxels (shape 0.86) made the
         # AIF's area 2.3x too large and every MTT 70 % low. Only then: applied to every moving
         # scan, it took 2 mm pixels' AIF to worse voxels (CBF +50 %).
-        centre = strength >= CENTRE_FRACTION * strength.max()
+        centre = ((strength >= CENTRE_FRACTION * reference)
+                  & (strength <= reference / CENTRE_FRACTION))
         steady = _least_moved_half(motion_parameters, edge, spacing, voxels[chosen[centre]])
-        retry = vessel_curve(enhancement, voxels,
-                             _strongest(chosen[centre][steady], strength[centre][steady]), times)
+        retry = vessel_curve(enhancement, voxels, _strongest(
+            chosen[centre][steady], strength[centre][steady], reference), times)
         if retry.shape_score > aif.shape_score:
             aif = retry
     return aif
