@@ -49,10 +49,12 @@ VOF_TAIL_TOLERANCE = 0.03
 # above it carry bone (2.5 mm slices, 2 mm motion: 2 of 340 at 3929 against a plateau of
 # 2775 had become the whole VOF, scale 1.49, every CBF and CBV -28...-40 %).
 VOF_REFERENCE_PERCENTILE = 90
-# The AIF's voxels: peaks within CENTRE_FRACTION of (above: 1 / CENTRE_FRACTION times) the
-# early clusters' AIF_REFERENCE_RANK-th highest peak (a rank, not a percentile: artery centres
-# are few among their partial-volume rims). 2 mm motion, 220 HU bolus: 3 voxels at 296 HU
-# against the arteries' 234 had become the whole AIF, every CBV -39...-51 %.
+# After head motion, the AIF's voxels: peaks within CENTRE_FRACTION of (above: 1 /
+# CENTRE_FRACTION times) the early clusters' AIF_REFERENCE_RANK-th highest peak (a rank, not a
+# percentile: artery centres are few among their partial-volume rims). 2 mm motion, 220 HU
+# bolus: 3 voxels at 296 HU against the arteries' 234 had become the whole AIF, every CBV
+# -39...-51 %. A still head keeps the highest peak as reference: at 4 mm pixels (two slices)
+# its arteries have fewer than 5 centre voxels, and the 5th-highest halved the AIF.
 AIF_REFERENCE_RANK = 5
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 # venous_transit_fit: time step (s) of its convolution, and (start, lower, upper) of scale,
@@ -323,11 +325,14 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     early = np.isin(cluster_of,
                     np.flatnonzero(arterial_ttp <= arterial_ttp.min() + EARLY_WINDOW_S))
     chosen, strength = candidates[early], peak[early]
-    # Full-volume artery centres share one peak: the AIF_REFERENCE_RANK-th highest stands for
-    # it, so that a few voxels far above it (bone moved in with the bolus) cannot set the bar
-    reference = np.sort(strength)[-min(AIF_REFERENCE_RANK, strength.size)]
+    # After head motion, full-volume artery centres share one peak: the AIF_REFERENCE_RANK-th
+    # highest stands for it, so that a few voxels far above it (bone moved in with the bolus)
+    # cannot set the bar. Only then: at 4 mm pixels a still head has fewer centre voxels.
+    moved = edge is not None and motion_parameters is not None
+    reference = (np.sort(strength)[-min(AIF_REFERENCE_RANK, strength.size)] if moved
+                 else strength.max())
     aif = vessel_curve(enhancement, voxels, _strongest(chosen, strength, reference), times)
-    if aif.shape_score < MIN_BOLUS_SHAPE and edge is not None and motion_parameters is not None:
+    if aif.shape_score < MIN_BOLUS_SHAPE and moved:
         # Not bolus-shaped after head motion: try the half of the artery centres that the
         # motion can fill least with bone from the next slice, as for the VOF. At 0.45 mm
         # pixels a +130 HU step after a jerk in the strongest voxels (shape 0.86) made the
