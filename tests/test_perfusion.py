@@ -904,3 +904,13 @@ def test_smoothing_sigma_reaches_the_target_and_the_ceiling_beyond_the_bound():
     sigma = pp.smoothing_sigma(10.29, coarse)
     assert 6.5 < sigma < pp.SIGMA_LIMIT_MM  # measured 7.2 mm
     assert _residual_noise(10.29, coarse, sigma) == pytest.approx(pp.MAX_NOISE_HU, rel=0.05)
+
+
+def test_vessel_voxels_fall_back_to_the_strongest_when_none_lies_near_the_reference():
+    """A reference with nothing in its band (a negative one, say) must not leave the vessel
+    empty: on a moving 4 mm-pixel scan the VOF had 0 voxels, a NaN curve and the run crashed
+    writing its sidecar. The strongest voxels are taken instead."""
+    chosen = af._strongest(np.arange(4), np.array([-5.0, -4.0, -3.0, 2.0]), reference=-4.0)
+    assert chosen.tolist() == [3]
+    chosen = af._strongest(np.arange(3), np.array([10.0, 9.0, 1.0]), reference=9.5)
+    assert chosen.tolist() == [0, 1]

@@ -294,10 +294,11 @@ def vessel_curve(enhancement, voxels, chosen, times) -> VesselCurve:
 def _strongest(indices, strength, reference=None):
     """The members of ``indices`` reaching CENTRE_FRACTION of the strongest (of ``reference``
     and at most ``reference`` / CENTRE_FRACTION, when given), strongest first."""
-    if reference is None:
-        keep = strength >= CENTRE_FRACTION * strength.max()
-    else:
+    keep = np.zeros(strength.shape, bool)
+    if reference is not None and reference > 0:
         keep = (strength >= CENTRE_FRACTION * reference) & (strength <= reference / CENTRE_FRACTION)
+    if not keep.any():  # no reference, or none near it (e.g. no positive area): the strongest
+        keep = strength >= CENTRE_FRACTION * np.nanmax(strength)
     order = np.argsort(strength[keep])[::-1]
     return indices[keep][order][:MAX_AIF_VOXELS]
 
