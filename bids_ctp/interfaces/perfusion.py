@@ -346,9 +346,10 @@ class SelectVessels(SimpleInterface):
                                            **motion_model)
             except DataError:  # only reached with a user AIF: no VOF then (flagged below)
                 vof = None
-        factor, transit, _ = aif_stage.vof_scaling(aif, vof)
+        factor, transit, vof_problem = aif_stage.vof_scaling(aif, vof)
         scale = factor if inp.vof_scaling else 1.0
-        self._results["qc_flags"] = aif_stage.vessel_problems(aif, vof)
+        self._results["qc_flags"] = (aif_stage.aif_problems(aif)
+                                     + ([vof_problem] if vof_problem else []))
         self._results["aif"] = [float(v) * scale for v in aif.curve]
         self._results["aif_measured"] = [float(v) for v in aif.curve]
         self._results["aif_mask"] = self._save_voxels(aif, brain.shape, "aif_mask.nii")

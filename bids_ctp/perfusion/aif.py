@@ -291,12 +291,18 @@ def vessel_curve(enhancement, voxels, chosen, times) -> VesselCurve:
                        shape_score=float(bolus_shape(times, curve[None])[0][0]), times=times)
 
 
+def _near(strength, reference):
+    """Which ``strength`` lie within CENTRE_FRACTION of ``reference`` (and at most
+    ``reference`` / CENTRE_FRACTION): a vessel's full-volume voxels."""
+    return (strength >= CENTRE_FRACTION * reference) & (strength <= reference / CENTRE_FRACTION)
+
+
 def _strongest(indices, strength, reference=None):
-    """The members of ``indices`` reaching CENTRE_FRACTION of the strongest (of ``reference``
-    and at most ``reference`` / CENTRE_FRACTION, when given), strongest first."""
+    """The members of ``indices`` ``_near`` ``reference`` (reaching CENTRE_FRACTION of the
+    strongest when not given), strongest first."""
     keep = np.zeros(strength.shape, bool)
     if reference is not None and reference > 0:
-        keep = (strength >= CENTRE_FRACTION * reference) & (strength <= reference / CENTRE_FRACTION)
+        keep = _near(strength, reference)
     if not keep.any():  # no reference, or none near it (e.g. no positive area): the strongest
         keep = strength >= CENTRE_FRACTION * np.nanmax(strength)
     order = np.argsort(strength[keep])[::-1]
@@ -339,8 +345,7 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
         # pixels a +130 HU step after a jerk in the strongest voxels (shape 0.86) made the
         # AIF's area 2.3x too large and every MTT 70 % low. Only then: applied to every moving
         # scan, it took 2 mm pixels' AIF to worse voxels (CBF +50 %).
-        centre = ((strength >= CENTRE_FRACTION * reference)
-                  & (strength <= reference / CENTRE_FRACTION))
+        centre = _near(strength, reference)
         steady = _least_moved_half(motion_parameters, edge, spacing, voxels[chosen[centre]])
         retry = vessel_curve(enhancement, voxels, _strongest(
             chosen[centre][steady], strength[centre][steady], reference), times)
@@ -466,7 +471,14 @@ def _vof_problem(aif, vof):
 
 
 def vessel_problems(aif: VesselCurve, vof: VesselCurve | None) -> list[str]:
-    """Quality flags of the AIF/VOF pair, empty when both look sound."""
+    """Quality flags of the AIF/VOF pair, empty when both look sound (``aif_problems`` and
+    ``vof_scaling``'s reason, for a caller that needs only the flags)."""
+    vof_problem = vof_scaling(aif, vof)[2]
+    return aif_problems(aif) + ([vof_problem] if vof_problem else [])
+
+
+def aif_problems(aif: VesselCurve) -> list[str]:
+    """Quality flags of the AIF alone, empty when it looks sound."""
     problems = []
     if aif.fit["r2"] < MIN_FIT_R2:
         problems.append(f"AIF: gamma-variate fit R2 {aif.fit['r2']:.2f} < {MIN_FIT_R2}")
@@ -476,8 +488,7 @@ def vessel_problems(aif: VesselCurve, vof: VesselCurve | None) -> list[str]:
     if aif.shape_score < MIN_BOLUS_SHAPE:
         problems.append(f"AIF: curve not bolus-shaped (score {aif.shape_score:.2f} < "
                         f"{MIN_BOLUS_SHAPE}); head motion or a wrong vessel?")
-    problem = vof_scaling(aif, vof)[2]
-    return problems + ([problem] if problem else [])
+    return problems
 
 
 def vof_scale_factor(aif: VesselCurve, vof: VesselCurve | None) -> float:
