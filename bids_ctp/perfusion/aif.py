@@ -18,6 +18,7 @@ partial-volumed AIF has less area, and is scaled up by the factor that fits the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -67,7 +68,7 @@ VOF_FIT_BOUNDS = ((0.1, 20.0), (1.0, 200.0), (0.3, 30.0))
 # motion; bone or CSF edges that motion turns into bright "curves" (drifts and steps) score a
 # median 0.85. Clusters whose median is below this are not vessels.
 MIN_BOLUS_SHAPE = 0.95
-VOF_MIN_SHAPE = 0.97  # the VOF's cluster, when a late cluster reaches it (vessels score >= 0.97)
+VOF_MIN_SHAPE = 0.97  # a venous voxel's bolus shape at least (vessels score >= 0.97)
 # The earliest vessels may start at most this fraction of their rise above the level they
 # come back down to: more, and the bolus was already arriving in frame 0.
 MAX_FIRST_FRAME_FRACTION = 0.25
@@ -83,6 +84,19 @@ SHAPE_WIDTHS_S = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # gamma-variate beta (s); alph
 # one-voxel AIF (CBF +108...+198 %); with a 220 HU bolus a 96-voxel one, 2 s later and brighter
 # than the arteries (ratio 0.90), gave 9 of 17 AIF voxels.
 MAX_ARTEFACT_TO_PEAK = 0.5
+
+
+class VesselClusters(NamedTuple):
+    """``vessel_clusters``' result: per candidate voxel, then per cluster label (0 unused)."""
+    candidates: np.ndarray  # indices of the candidate voxels (rows of the enhancement)
+    cluster_of: np.ndarray  # each candidate's cluster label
+    ttp: np.ndarray  # each candidate's time to peak (s)
+    shape: np.ndarray  # each candidate's bolus shape (``bolus_shape`` cosine)
+    peak: np.ndarray  # each candidate's peak enhancement (HU)
+    first_pass: np.ndarray  # each candidate's first-pass area (HU s)
+    cluster_ttp: np.ndarray  # each cluster's median time to peak; inf: no vessel
+    cluster_shape: np.ndarray  # each cluster's median bolus shape
+    arterial_ttp: np.ndarray  # cluster_ttp, inf also for clusters that are not arteries
 
 
 @dataclass
@@ -232,10 +246,8 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
     neither set the arterial time nor join the AIF (the VOF's sinus runs along the skull, and
     ``select_vof`` handles its motion voxel by voxel).
 
-    Returns candidate indices, each candidate's cluster label, each cluster's median time to
-    peak (inf for clusters too small to be a vessel or not bolus-shaped), each candidate's
-    peak enhancement and first-pass area, each cluster's median bolus shape
-    (``bolus_shape``), and the cluster times to peak again, inf for those that are not arteries.
+    Returns ``VesselClusters``; a cluster's time to peak is inf when it is too small to be a
+    vessel or not bolus-shaped.
     """
     peak = enhancement.max(axis=1)
     # A bolus passes: by the last frames a vessel is well below its peak, whereas a step
@@ -276,8 +288,8 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
         arterial_ttp[unsteady] = np.inf
         if not np.isfinite(arterial_ttp).any():  # none steady: keep them all, the fit will flag it
             arterial_ttp = cluster_ttp
-    return (candidates, cluster_of, cluster_ttp, peak[candidates], first_pass, cluster_shape,
-            arterial_ttp)
+    return VesselClusters(candidates, cluster_of, ttp, cosine, peak[candidates], first_pass,
+                          cluster_ttp, cluster_shape, arterial_ttp)
 
 
 def vessel_curve(enhancement, voxels, chosen, times) -> VesselCurve:
@@ -327,11 +339,12 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     ``vessel_clusters`` for these arguments, computed here when not given.
     """
     times = np.asarray(times, float)
-    candidates, cluster_of, _, peak, _, _, arterial_ttp = clusters or vessel_clusters(
-        enhancement, voxels, shape, times, spacing, source, motion_parameters, edge)
-    early = np.isin(cluster_of,
+    found = clusters or vessel_clusters(enhancement, voxels, shape, times, spacing, source,
+                                        motion_parameters, edge)
+    arterial_ttp = found.arterial_ttp
+    early = np.isin(found.cluster_of,
                     np.flatnonzero(arterial_ttp <= arterial_ttp.min() + EARLY_WINDOW_S))
-    chosen, strength = candidates[early], peak[early]
+    chosen, strength = found.candidates[early], found.peak[early]
     # After head motion, full-volume artery centres share one peak: the AIF_REFERENCE_RANK-th
     # highest stands for it, so that a few voxels far above it (bone moved in with the bolus)
     # cannot set the bar. Only then: at 4 mm pixels a still head has fewer centre voxels.
@@ -368,22 +381,26 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     head), the half of the sinus the head motion can fill with the most bone is left out.
     """
     times = np.asarray(times, float)
-    (candidates, cluster_of, cluster_ttp, _, first_pass, cluster_shape,
-     arterial_ttp) = clusters or vessel_clusters(enhancement, voxels, shape, times, spacing,
-                                                 source, motion_parameters, edge)
-    late_labels = np.flatnonzero(np.isfinite(cluster_ttp)
-                                 & (cluster_ttp > arterial_ttp.min() + EARLY_WINDOW_S))
+    found = clusters or vessel_clusters(enhancement, voxels, shape, times, spacing, source,
+                                        motion_parameters, edge)
+    cluster_of, cluster_ttp = found.cluster_of, found.cluster_ttp
+    late = found.arterial_ttp.min() + EARLY_WINDOW_S
+    late_labels = np.flatnonzero(np.isfinite(cluster_ttp) & (cluster_ttp > late))
     if late_labels.size == 0:
         return None
-    # Of the late clusters that look like vessels (those not, when none does), the largest. A
-    # cluster joining an artery to curves that through-plane motion made of anatomy from
-    # beyond the slab (median shape 0.958) outgrew the sinus (0.987) and made a step the VOF.
-    venous = late_labels[cluster_shape[late_labels] >= VOF_MIN_SHAPE]
-    pool = venous if venous.size else late_labels
-    sizes = np.bincount(cluster_of, minlength=len(cluster_ttp))
-    largest = pool[np.argmax(sizes[pool])]
-    members = candidates[cluster_of == largest]
-    area = first_pass[cluster_of == largest]
+    # The late cluster with the most late, vessel-shaped voxels (the most voxels, when none
+    # has any). Not the largest: a cluster joining an artery to curves that through-plane
+    # motion made of anatomy from beyond the slab (median shape 0.958) outgrew the sinus
+    # (0.987) and made a step the VOF. Nor the largest of median shape >= VOF_MIN_SHAPE: a
+    # sinus merged with its moving CSF rim (3596 voxels, median 0.969) lost to 42 CSF voxels,
+    # the VOF 2 voxels at half the sinus' peak.
+    venous = (found.ttp > late) & (found.shape >= VOF_MIN_SHAPE)
+    counts = np.bincount(cluster_of[venous], minlength=len(cluster_ttp))[late_labels]
+    if not counts.any():
+        counts = np.bincount(cluster_of, minlength=len(cluster_ttp))[late_labels]
+    largest = late_labels[np.argmax(counts)]
+    members = found.candidates[cluster_of == largest]
+    area = found.first_pass[cluster_of == largest]
     # ranked by first-pass area (a plain integral would favour voxels at the sinus' bony edge,
     # where head motion adds a plateau), among voxels whose tail matches the sinus'
     curves = enhancement[members]
