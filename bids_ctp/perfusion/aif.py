@@ -370,12 +370,12 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
 def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
                source: str = "image", clusters=None, baseline=None,
                motion_parameters=None, edge=None) -> VesselCurve | None:
-    """Pick the venous output function: the largest first-pass voxels of the largest late,
-    vessel-like cluster.
+    """Pick the venous output function: the largest first-pass voxels among the late,
+    vessel-shaped voxels of the cluster holding most of them.
 
     Late = peaking more than EARLY_WINDOW_S after the earliest (arterial) cluster. A venous
     sinus is wide, so its centre is free of partial volume; its curve area is the reference
-    for the AIF's. Returns None when no late cluster exists. ``clusters`` as for ``select_aif``;
+    for the AIF's. Returns None when no late voxel or cluster exists. ``clusters`` as for ``select_aif``;
     ``baseline``: the unenhanced image (HU), to keep the VOF away from bone. With
     ``motion_parameters`` (T, 6) and ``edge`` (``motion.edge_strength`` of the unenhanced
     head), the half of the sinus the head motion can fill with the most bone is left out.
@@ -385,22 +385,25 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
                                         motion_parameters, edge)
     cluster_of, cluster_ttp = found.cluster_of, found.cluster_ttp
     late = found.arterial_ttp.min() + EARLY_WINDOW_S
-    late_labels = np.flatnonzero(np.isfinite(cluster_ttp) & (cluster_ttp > late))
-    if late_labels.size == 0:
-        return None
-    # The late cluster with the most late, vessel-shaped voxels (the most voxels, when none
-    # has any). Not the largest: a cluster joining an artery to curves that through-plane
+    # The VOF's voxels peak late and are vessel-shaped; its cluster is the one holding most of
+    # them. Not the largest late cluster: one joining an artery to curves that through-plane
     # motion made of anatomy from beyond the slab (median shape 0.958) outgrew the sinus
-    # (0.987) and made a step the VOF. Nor the largest of median shape >= VOF_MIN_SHAPE: a
-    # sinus merged with its moving CSF rim (3596 voxels, median 0.969) lost to 42 CSF voxels,
-    # the VOF 2 voxels at half the sinus' peak.
+    # (0.987) and made a step the VOF. Nor only clusters whose median voxel is a vessel:
+    # after head motion the sinus can merge with a larger rim of bent CSF and cortex curves
+    # (1x1x2.5 mm: 3596 voxels of median shape 0.969 lost to 42 CSF voxels; 2 mm pixels: 595
+    # voxels, 195 of them sinus, below 0.95 counted as no vessel, the VOF one CSF voxel and
+    # every CBF +7...+33 %); its voxels that do not look like a vein are left out.
     venous = (found.ttp > late) & (found.shape >= VOF_MIN_SHAPE)
-    counts = np.bincount(cluster_of[venous], minlength=len(cluster_ttp))[late_labels]
-    if not counts.any():
-        counts = np.bincount(cluster_of, minlength=len(cluster_ttp))[late_labels]
-    largest = late_labels[np.argmax(counts)]
-    members = found.candidates[cluster_of == largest]
-    area = found.first_pass[cluster_of == largest]
+    if venous.any():
+        counts = np.bincount(cluster_of[venous], minlength=len(cluster_ttp))
+        chosen = venous & (cluster_of == np.argmax(counts))
+    else:  # no vessel-shaped late voxel: the largest late cluster, as it is
+        late_labels = np.flatnonzero(np.isfinite(cluster_ttp) & (cluster_ttp > late))
+        if late_labels.size == 0:
+            return None
+        sizes = np.bincount(cluster_of, minlength=len(cluster_ttp))
+        chosen = cluster_of == late_labels[np.argmax(sizes[late_labels])]
+    members, area = found.candidates[chosen], found.first_pass[chosen]
     # ranked by first-pass area (a plain integral would favour voxels at the sinus' bony edge,
     # where head motion adds a plateau), among voxels whose tail matches the sinus'
     curves = enhancement[members]
