@@ -740,6 +740,13 @@ def test_vof_scaling_never_shrinks_the_aif_and_needs_a_vof():
     assert af.gamma_variate_area(vof.fit) < af.gamma_variate_area(aif.fit)
     assert af.vof_scale_factor(aif, vof) == 1.0
     assert af.vof_scale_factor(aif, None) == 1.0
+    # and the user is told: a VOF with less area than the AIF is no full-volume sinus
+    factor, transit, problem = af.vof_scaling(aif, vof)
+    assert transit["scale"] == pytest.approx(0.45, abs=0.05)  # a peak of 0.3x, but wider
+    assert problem.startswith(f"VOF: its area is only {transit['scale']:.2f}x the AIF's")
+    clean = af.select_vof(*_vessel_volume(artery_scale=1.0, vein_scale=None)[:2], VESSEL_SHAPE,
+                          T_VESSELS, (1.0, 1.0, 1.0))
+    assert af.vof_scaling(aif, clean)[2] is None
 
 
 @pytest.mark.parametrize("times", [np.arange(0.0, 40.0), T_NONUNIFORM])

@@ -38,6 +38,9 @@ CENTRE_FRACTION = 0.8  # keep voxels reaching this fraction of the best early vo
 MAX_AIF_VOXELS = 40
 FIRST_PASS_END = 0.6  # fraction of the peak where the fitted first pass ends
 MAX_VOF_SCALE = 3.0  # larger AIF corrections are implausible: something else went wrong
+# A VOF with less area than the AIF is partial-volumed or no sinus (full-volume AIFs measure
+# 0.975-1.016 on the phantoms; a CSF voxel that became the VOF after head motion, 0.62)
+MIN_VOF_SCALE = 0.9
 MIN_AIF_PEAK_HU = 100.0  # weaker arterial enhancement makes every map noisy
 # VOF voxels end the scan at the sinus' common level (recirculation, as a fraction of their
 # peak) within this much; bone sliding in or out after head motion shifts a voxel's tail away
@@ -487,6 +490,9 @@ def _vof_problem(aif, vof):
     if transit["scale"] > MAX_VOF_SCALE:
         return (f"VOF: its area is {transit['scale']:.1f}x the AIF's (> {MAX_VOF_SCALE:.0f}x); "
                 "not used"), transit
+    if transit["scale"] < MIN_VOF_SCALE:
+        return (f"VOF: its area is only {transit['scale']:.2f}x the AIF's (< {MIN_VOF_SCALE}x: "
+                "partial-volumed, or not a sinus); not used"), transit
     return None, transit
 
 
