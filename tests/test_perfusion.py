@@ -678,8 +678,7 @@ def test_vof_cluster_is_the_largest_late_vessel_like_one(garbage_shape):
     ttp = np.array([np.inf, 10.0, 16.0, 16.0])
     shape = np.array([0.0, 0.99, 0.99, garbage_shape])
     clusters = af.VesselClusters(candidates, cluster_of, ttp[cluster_of], shape[cluster_of],
-                                 enh[candidates].max(axis=1), np.ones(len(candidates)),
-                                 ttp, shape, ttp)
+                                 enh[candidates].max(axis=1), np.ones(len(candidates)), ttp, ttp)
     vof = af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0), clusters=clusters)
     chosen = set(np.ravel_multi_index(tuple(vof.voxels.T), VESSEL_SHAPE))
     assert chosen <= set(sinus if garbage_shape < af.VOF_MIN_SHAPE else garbage)
@@ -700,10 +699,9 @@ def test_vof_cluster_is_the_sinus_even_when_merged_with_a_moving_rim():
     shape = np.repeat([0.99, 0.99, 0.95, 0.975], [len(artery), len(sinus), len(rim), len(few)])
     ttp = np.where(cluster_of == 1, 10.0, 16.0)
     assert len(rim) > len(sinus)  # construction: the merged cluster's median shape is 0.95
-    cluster_ttp, cluster_shape = np.array([np.inf, 10.0, 16.0, 16.0]), np.array([0, .99, .95, .975])
+    cluster_ttp = np.array([np.inf, 10.0, 16.0, 16.0])
     clusters = af.VesselClusters(candidates, cluster_of, ttp, shape, enh[candidates].max(axis=1),
-                                 np.ones(len(candidates)), cluster_ttp, cluster_shape,
-                                 cluster_ttp)
+                                 np.ones(len(candidates)), cluster_ttp, cluster_ttp)
     vof = af.select_vof(enh, vox, VESSEL_SHAPE, T_VESSELS, (1.0, 1.0, 1.0), clusters=clusters)
     chosen = set(np.ravel_multi_index(tuple(vof.voxels.T), VESSEL_SHAPE))
     assert chosen <= set(sinus) | set(rim) and not chosen <= set(few)

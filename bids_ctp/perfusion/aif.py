@@ -9,11 +9,11 @@ partial-volumed artery, but it peaks seconds later, so only clusters whose time 
 (the centres of the largest arteries, least partial-volumed) are averaged. The mean curve is fitted
 with a gamma variate over its first pass; R² of that fit is the quality score.
 
-Venous output function (VOF): the largest cluster peaking later than the arteries (the superior
-sagittal sinus), its voxels with the largest first-pass area. All contrast that enters the brain leaves
-through the veins, so the VOF is the true AIF dispersed by a unit-area transit kernel; a
-partial-volumed AIF has less area, and is scaled up by the factor that fits the VOF
-(``venous_transit_fit``, ``vof_scale_factor``).
+Venous output function (VOF): the voxels peaking later than the arteries and shaped like a
+vessel, from the cluster holding most of them (the superior sagittal sinus), those with the largest
+first-pass area. All contrast that enters the brain leaves through the veins, so the VOF is the
+true AIF dispersed by a unit-area transit kernel; a partial-volumed AIF has less area, and is
+scaled up by the factor that fits the VOF (``venous_transit_fit``, ``vof_scale_factor``).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ MAX_AIF_VOXELS = 40
 FIRST_PASS_END = 0.6  # fraction of the peak where the fitted first pass ends
 MAX_VOF_SCALE = 3.0  # larger AIF corrections are implausible: something else went wrong
 # A VOF with less area than the AIF is partial-volumed or no sinus (full-volume AIFs measure
-# 0.975-1.016 on the phantoms; a CSF voxel that became the VOF after head motion, 0.62)
+# 0.96-1.02 on the phantoms; a CSF voxel that became the VOF after head motion, 0.62)
 MIN_VOF_SCALE = 0.9
 MIN_AIF_PEAK_HU = 100.0  # weaker arterial enhancement makes every map noisy
 # VOF voxels end the scan at the sinus' common level (recirculation, as a fraction of their
@@ -98,7 +98,6 @@ class VesselClusters(NamedTuple):
     peak: np.ndarray  # each candidate's peak enhancement (HU)
     first_pass: np.ndarray  # each candidate's first-pass area (HU s)
     cluster_ttp: np.ndarray  # each cluster's median time to peak; inf: no vessel
-    cluster_shape: np.ndarray  # each cluster's median bolus shape
     arterial_ttp: np.ndarray  # cluster_ttp, inf also for clusters that are not arteries
 
 
@@ -276,10 +275,9 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
     labels_ok = [label for label in np.flatnonzero(sizes >= min_voxels) if label]
     shaped = [label for label in labels_ok
               if np.median(cosine[cluster_of == label]) >= MIN_BOLUS_SHAPE]
-    cluster_ttp, cluster_shape = np.full(n_clusters + 1, np.inf), np.zeros(n_clusters + 1)
+    cluster_ttp = np.full(n_clusters + 1, np.inf)
     for label in shaped or labels_ok:  # none bolus-shaped: keep them all, the fit will flag it
         cluster_ttp[label] = np.median(ttp[cluster_of == label])
-        cluster_shape[label] = np.median(cosine[cluster_of == label])
     if not np.isfinite(cluster_ttp).any():
         raise DataError(f"{source}: no arterial input candidate (no vessel-sized cluster)")
     arterial_ttp = cluster_ttp.copy()
@@ -292,7 +290,7 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
         if not np.isfinite(arterial_ttp).any():  # none steady: keep them all, the fit will flag it
             arterial_ttp = cluster_ttp
     return VesselClusters(candidates, cluster_of, ttp, cosine, peak[candidates], first_pass,
-                          cluster_ttp, cluster_shape, arterial_ttp)
+                          cluster_ttp, arterial_ttp)
 
 
 def vessel_curve(enhancement, voxels, chosen, times) -> VesselCurve:
@@ -378,8 +376,8 @@ def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
 
     Late = peaking more than EARLY_WINDOW_S after the earliest (arterial) cluster. A venous
     sinus is wide, so its centre is free of partial volume; its curve area is the reference
-    for the AIF's. Returns None when no late voxel or cluster exists. ``clusters`` as for ``select_aif``;
-    ``baseline``: the unenhanced image (HU), to keep the VOF away from bone. With
+    for the AIF's. Returns None when no late voxel or cluster exists. ``clusters`` as for
+    ``select_aif``; ``baseline``: the unenhanced image (HU), to keep the VOF away from bone. With
     ``motion_parameters`` (T, 6) and ``edge`` (``motion.edge_strength`` of the unenhanced
     head), the half of the sinus the head motion can fill with the most bone is left out.
     """
