@@ -25,7 +25,7 @@ def compare(phantom_dir, output_dir, desc="nlr"):
         tdir = os.path.dirname(truth_cbf)
         rel = os.path.relpath(tdir, os.path.join(phantom_dir, "derivatives/groundtruth"))
         odir = os.path.join(output_dir, rel)
-        if not glob.glob(os.path.join(odir, f"{prefix}_desc-{desc}_cbf.nii.gz")):
+        if not os.path.exists(os.path.join(odir, f"{prefix}_desc-{desc}_cbf.nii.gz")):
             continue  # not processed (e.g. --participant-label chose others)
         labels = np.asarray(nb.load(os.path.join(tdir, f"{prefix}_dseg.nii.gz")).dataobj)
         result = {"series": prefix}
