@@ -462,7 +462,8 @@ def venous_transit_fit(aif: VesselCurve, vof: VesselCurve) -> dict:
         scale, shape, mean = p
         kernel = np.exp((shape - 1.0) * np.log(tau) - tau * shape / mean - gammaln(shape)
                         - shape * np.log(mean / shape)) * step
-        return scale * np.interp(times, fine + 0.5 * step, np.convolve(arterial, kernel)[: len(fine)])
+        dispersed = np.convolve(arterial, kernel)[: len(fine)]
+        return scale * np.interp(times, fine + 0.5 * step, dispersed)
 
     lower, upper = zip(*VOF_FIT_BOUNDS)
     fit = least_squares(lambda p: model(p) - venous, VOF_FIT_START, bounds=(lower, upper),
