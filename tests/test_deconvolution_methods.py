@@ -217,6 +217,29 @@ def test_residue_family_found_despite_artefact_voxels(truth):
     assert dc.select_residue_shape(tissue, TIMES, TIMES, AIF)[0] == truth
 
 
+def test_residue_family_of_noise_free_rounded_curves():
+    """A noise-free box-residue scan stored in whole HU, sampled every 2 s, white matter the
+    largest region: every white-matter voxel carries the same 8 HU curve and the same rounding
+    error, which the linear family happens to fit best. Without a residual floor those
+    identical curves outvote the other regions (the penumbra's larger residual even counts as
+    an outlier; CBF +50 % on the phantom). Counting the rounding as the floor noise-free data
+    cannot go below finds the box; with noise (0.5 HU and up) the floor vanishes."""
+    times = np.arange(0.0, 60.0, 2.0)
+    aif = arterial_input(times)
+    regions = {"grey_matter": (60, 4.0, 1.0, 1000), "white_matter": (25, 2.0, 1.5, 20000),
+               "ischemic_core": (10, 1.5, 4.0, 900), "penumbra": (25, 4.0, 4.0, 1500)}
+    tissue = np.concatenate([
+        np.repeat(np.round(tissue_enhancement(times, cbf, cbv, delay, "box"))[None], n, axis=0)
+        for cbf, cbv, delay, n in regions.values()])
+    floor = dc.rounding_floor(0.0)
+    assert floor == pytest.approx(1 / 12)
+    assert dc.rounding_floor(0.5) < 1e-4 * floor
+    shape, scores = dc.select_residue_shape(tissue, times, times, aif, noise_floor=floor)
+    assert shape == "box", scores
+    assert scores["box"] - scores["linear"] > 0.1, scores
+    assert dc.select_residue_shape(tissue, times, times, aif)[0] == "linear"
+
+
 @pytest.mark.parametrize("shape", ["exponential", "box", "linear"])
 @pytest.mark.parametrize("interval", [1.0, 2.0])
 def test_model_fit_exact_between_grid_points(interval, shape):

@@ -413,6 +413,9 @@ class _DeconvInput(_EnhancementInput):
                                     desc="per frame rigid motion (rad, mm); fitted as a residual "
                                          "artefact regressor by nlr")
     baseline_frames = traits.Int(desc="leading frames forming the baseline")
+    noise_sd = traits.Float(0.0, usedefault=True,
+                            desc="noise SD (HU) of the series as acquired; without noise, nlr "
+                                 "counts the rounding to whole HU as the residual floor")
 
 
 class _DeconvOutput(TraitedSpec):
@@ -440,7 +443,8 @@ class Deconvolve(SimpleInterface):
         shape, scores = "none (model-free)", {}
         if self.inputs.method == "nlr":
             shape, scores = deconvolution.select_residue_shape(
-                tissue, times, times, aif, nuisance=nuisance, weights=weights)
+                tissue, times, times, aif, nuisance=nuisance, weights=weights,
+                noise_floor=deconvolution.rounding_floor(self.inputs.noise_sd))
             flow, tmax, mtt = deconvolution.fit_model(tissue, times, times, aif, shape=shape,
                                                       nuisance=nuisance, weights=weights)
             area = flow * mtt

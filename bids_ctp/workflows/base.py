@@ -101,7 +101,7 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (smooth, deconvolve, [("out_file", "in_file")]),
         (brain, deconvolve, [("out_mask", "mask")]),
         (enhancement, deconvolve, [("baseline", "baseline"), ("baseline_frames", "baseline_frames")]),
-        (moco, deconvolve, [("parameters", "motion_parameters")]),
+        (moco, deconvolve, [("parameters", "motion_parameters"), ("noise_sd", "noise_sd")]),
         (moco, aif, [("parameters", "motion_parameters")]),
         (aif, deconvolve, [("aif", "aif")]),
         (deconvolve, perfusion, [("flow", "flow"), ("area", "area"), ("tmax", "tmax")]),
