@@ -526,8 +526,10 @@ def _motion_artefact_model(inputs, brain, data, tissue):
         inputs.motion_parameters, edge, spacing, brain, n_baseline, scene)
     if regressor is None:
         return None, None
-    return regressor, motion.artefact_weights(regressor, edge[brain],
-                                              preprocess.estimate_noise(tissue))
+    # the curves' noise, but never below the rounding to whole HU that no noise dithers
+    noise = np.hypot(preprocess.estimate_noise(tissue),
+                     np.sqrt(deconvolution.rounding_floor(inputs.noise_sd)))
+    return regressor, motion.artefact_weights(regressor, edge[brain], noise)
 
 
 def _enhancement(inputs):
