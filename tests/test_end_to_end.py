@@ -59,6 +59,7 @@ def test_outputs_named_on_input_grid_with_units(run):
         sidecar = json.loads((perf / f"{prefix}_desc-nlr_{name}.json").read_text())
         assert sidecar["Units"] == unit
         assert sidecar["TissueDensity"] == 1.05 and sidecar["HematocritFactor"] == 0.73
+        assert sidecar["EstimatedNoiseCorrelation"] == [0.0, 0.0, 0.0]  # the phantom's is white
         assert sidecar["FrameTimesStart"] == pytest.approx(phantom.frame_times)
         assert sidecar["Sources"] == [f"bids:raw:{image.ctp.relative_to(phantom.root).as_posix()}"]
     for desc in ("brain", "aif"):

@@ -28,6 +28,7 @@ class _WriterInput(BaseInterfaceInputSpec):
     density = traits.Float(mandatory=True)
     kh = traits.Float(mandatory=True)
     noise_sd = traits.Float(mandatory=True)
+    noise_correlation = traits.List(traits.Float, [0.0, 0.0, 0.0], usedefault=True)
     sigma_mm = traits.Float(mandatory=True)
     arrival_frame = traits.Int(mandatory=True)
     baseline_frames = traits.Int(mandatory=True)
@@ -97,6 +98,9 @@ class WriteDerivatives(SimpleInterface):
             "BolusArrivalFrame": inp.arrival_frame,
             "BaselineFrames": list(range(inp.baseline_frames)),
             "EstimatedNoiseSD": round(inp.noise_sd, 3), "EstimatedNoiseSDUnits": "HU",
+            # neighbour correlation of that noise along x, y, z (0: white); the smoothing's
+            # size and weights count it
+            "EstimatedNoiseCorrelation": [round(r, 3) for r in inp.noise_correlation],
             "SmoothingFilter": ("cross-bilateral with adaptive weights (propagation-separation), "
                                 "guided by a time average weighted partly by the bolus"),
             "SmoothingGuideBolusShare": preprocess.BOLUS_GUIDE_SHARE,

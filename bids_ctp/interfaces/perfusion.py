@@ -115,6 +115,8 @@ class _MotionOutput(TraitedSpec):
     qc_flags = traits.List(traits.Str, desc="problems to show in sidecars and reports")
     noise_sd = traits.Float(desc="noise SD (HU) in soft tissue of the series as acquired")
     frame_noise_sd = traits.List(traits.Float, desc="the same per frame (HU)")
+    noise_correlation = traits.List(traits.Float, desc="neighbour correlation of that noise "
+                                    "along x, y, z")
 
 
 class MotionCorrection(SimpleInterface):
@@ -138,6 +140,7 @@ class MotionCorrection(SimpleInterface):
         # noise of the series as acquired: after correction its voxels understate it
         noise_sd, frame_sd = preprocess.frame_noise(data)
         self._results["noise_sd"], self._results["frame_noise_sd"] = noise_sd, frame_sd.tolist()
+        self._results["noise_correlation"] = list(preprocess.noise_correlation(data))
         if self.inputs.enabled and not flags:
             corrected = images.create_like(self.inputs.in_file, "ctp_moco.nii", data.shape)
             result = motion.correct_motion(data, spacing, n_threads=self.inputs.n_threads,
@@ -163,6 +166,8 @@ class _SmoothInput(BaseInterfaceInputSpec):
     noise_sd = traits.Float(requires=["frame_noise_sd"],
                             desc="noise SD (HU) of the series as acquired; default: of in_file")
     frame_noise_sd = traits.List(traits.Float, desc="the same per frame (HU)")
+    noise_correlation = traits.List(traits.Float, [0.0, 0.0, 0.0], usedefault=True,
+                                    desc="neighbour correlation of the noise along x, y, z")
     sigma_mm = traits.Float(desc="spatial sigma (mm); default: adapted to the noise")
     n_threads = traits.Int(1, usedefault=True)
 
@@ -186,11 +191,12 @@ class SmoothCTP(SimpleInterface):
         else:
             noise, frame_sd = preprocess.frame_noise(data)
         spacing = images.spacing(self.inputs.in_file)
+        correlation = tuple(self.inputs.noise_correlation)
         sigma = (self.inputs.sigma_mm if isdefined(self.inputs.sigma_mm)
-                 else preprocess.smoothing_sigma(noise, spacing))
+                 else preprocess.smoothing_sigma(noise, spacing, correlation))
         smoothed = images.create_like(self.inputs.in_file, "ctp_smooth.nii", data.shape)
         preprocess.cross_bilateral(data, spacing, sigma, noise, self.inputs.n_threads, frame_sd,
-                                   out=smoothed)
+                                   out=smoothed, correlation=correlation)
         smoothed.flush()
         self._results["sigma_mm"] = sigma
         self._results["out_file"] = smoothed.filename
