@@ -52,10 +52,10 @@ ADAPTIVE_AREA_GROWTH = 2.0  # neighbourhood area doubles per step (finer steps m
 # under 2 mm / 2 degree motion at 1.5 mm pixels from +1 to +8 %.
 BOLUS_GUIDE_SHARE = 0.25
 MIN_BOLUS_HU = 0.5  # median soft-tissue enhancement below which the guide is the plain mean
-NOISE_SAMPLE_VOXELS = 50_000
+NOISE_SAMPLE_VOXELS = 50_000  # soft-tissue curves the noise and bolus medians look at
 # neighbour correlations of the noise below this are white noise (white-noise phantoms measure
 # 0.00 +- 0.01)
-MIN_NOISE_CORRELATION = 0.05  # soft-tissue curves the noise and bolus medians look at
+MIN_NOISE_CORRELATION = 0.05
 
 
 def _soft_tissue_curves(data: np.ndarray) -> np.ndarray:
