@@ -147,3 +147,40 @@ def test_round_trip_regressor_removes_the_interpolation_artefact():
 
     assert max(np.abs(errors(None))) > 0.3
     assert max(np.abs(errors(scene))) < 0.03
+
+
+def test_noise_free_frame_weights_count_the_rounding(tmp_path):
+    """A noise-free head stored in whole HU, moved 1 mm through-plane from frame 4: its curves
+    have no noise, so the frame weights 1 / (1 + (a / sigma)²) once divided a ~1 HU artefact by
+    0.001 HU and gave every moved frame near an edge no weight at all. sigma is now never below
+    the rounding's sqrt(1/12) HU; with noise (10 HU acquired) nothing changes."""
+    from types import SimpleNamespace
+
+    import nibabel as nb
+
+    from bids_ctp.interfaces.perfusion import _motion_artefact_model
+
+    shape, n_frames = (24, 24, 6), 8
+    x = np.arange(shape[0])[:, None, None] * np.ones(shape)
+    head = np.round(40.0 + 4.0 * x).astype(np.float32)  # a gentle 4 HU/mm gradient
+    data = np.repeat(head[..., None], n_frames, axis=3)
+    path = tmp_path / "ctp.nii.gz"
+    nb.save(nb.Nifti1Image(data, np.eye(4)), path)
+    parameters = np.zeros((n_frames, 6))
+    parameters[4:, 5] = 1.0  # 1 mm along z from frame 4
+    brain = np.zeros(shape, bool)
+    brain[4:-4, 4:-4, 1:-1] = True
+    tissue = data[brain] - head[brain][:, None]
+    weights = {}
+    for noise_sd in (0.0, 10.0):
+        inputs = SimpleNamespace(motion_parameters=parameters.tolist(), in_file=str(path),
+                                 baseline_frames=3, noise_sd=noise_sd)
+        regressor, weights[noise_sd] = _motion_artefact_model(inputs, brain, data, tissue)
+        assert regressor is not None
+    edge = mo.edge_strength(head, (1.0, 1.0, 1.0))[brain]
+    a = mo.ARTEFACT_FRACTION * edge[:, None] * np.abs(regressor[:, 0])
+    expected = 1.0 / (1.0 + a**2 / dc.rounding_floor(0.0))
+    np.testing.assert_allclose(weights[0.0], expected, rtol=1e-4)
+    moved = weights[0.0][:, 4:][a[:, 4:] > 0]
+    assert moved.size and moved.min() > 0.3  # a = 0.4 HU against 0.29 HU of rounding
+    assert weights[10.0][:, 4:][a[:, 4:] > 0].max() < 0.01  # no noise in the curves: 0.001 HU
