@@ -2,9 +2,13 @@
 the model fit, against curves with known truth."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import nibabel as nb
 import numpy as np
 import pytest
 
+from bids_ctp.interfaces.perfusion import _motion_artefact_model
 from bids_ctp.perfusion import aif as af
 from bids_ctp.perfusion import deconvolution as dc
 from bids_ctp.perfusion import motion as mo
@@ -154,12 +158,6 @@ def test_noise_free_frame_weights_count_the_rounding(tmp_path):
     have no noise, so the frame weights 1 / (1 + (a / sigma)²) once divided a ~1 HU artefact by
     0.001 HU and gave every moved frame near an edge no weight at all. sigma is now never below
     the rounding's sqrt(1/12) HU; with noise (10 HU acquired) nothing changes."""
-    from types import SimpleNamespace
-
-    import nibabel as nb
-
-    from bids_ctp.interfaces.perfusion import _motion_artefact_model
-
     shape, n_frames = (24, 24, 6), 8
     x = np.arange(shape[0])[:, None, None] * np.ones(shape)
     head = np.round(40.0 + 4.0 * x).astype(np.float32)  # a gentle 4 HU/mm gradient

@@ -691,8 +691,7 @@ def test_vof_leaves_out_sinus_voxels_the_motion_can_fill_with_bone():
                                                          spacing))
     rim = SINUS[SINUS[:, 0] == 18]  # a fifth of the sinus: more than its top tenth
     between_jerks = (T_VESSELS >= 20) & (T_VESSELS < 34)
-    enh[_rows(rim)] += np.where(between_jerks,
-                                                                      0.3 * vein.max(), 0.0)
+    enh[_rows(rim)] += np.where(between_jerks, 0.3 * vein.max(), 0.0)
     baseline = np.full(VESSEL_SHAPE, 35.0, np.float32)
     baseline[:18] = 0.0  # outside the brain mask
     motion = np.zeros((len(T_VESSELS), 6))

@@ -127,7 +127,7 @@ def noise_correlation(data: np.ndarray, max_slices: int = 8) -> tuple[float, ...
     at most ``max_slices`` central slices; residuals beyond 4 SDs (vessels, edges) are left
     out. Correlations below MIN_NOISE_CORRELATION count as 0 (white noise).
     """
-    n_x, n_y, n_z, n_t = data.shape
+    n_z, n_t = data.shape[2:]
     if n_t < 4:
         return (0.0, 0.0, 0.0)
     z0 = max(0, n_z // 2 - max_slices // 2)
