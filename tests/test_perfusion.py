@@ -67,6 +67,34 @@ def test_bolus_arrival_frame_is_not_timed_by_bone_moving_in():
     assert cv.bolus_arrival_frame(curves[:995, :12]) == 7
 
 
+def test_bolus_arrival_is_not_timed_by_motion_artefacts_next_to_bone():
+    """The head moves 2 mm along the 5 mm slices in frames 10-15, after the arterial bolus
+    (frame 7): bone fills the whole slice next to the skull (300 HU, far more voxels than the
+    arterial reference holds) and leaves again. Timed by all voxels, the bolus arrives with the
+    movement; without those that the motion can fill (``arrival_reference_voxels``), with the
+    artery."""
+    t = np.arange(40.0)
+    shape, spacing = (20, 20, 6), (1.0, 1.0, 5.0)
+    unenhanced = np.full(shape, 35.0, np.float32)
+    unenhanced[:, :, 0] = 1000.0  # skull below the brain
+    brain = np.zeros(shape, bool)
+    brain[:, :, 1:] = True
+    voxels = np.argwhere(brain)
+    curves = np.tile(35.0 + 30.0 * gamma_variate(t, 10.0, 3.0, 2.0), (len(voxels), 1))
+    curves[voxels[:, 2] == 1] += np.where((t >= 10) & (t < 16), 300.0, 0.0)
+    curves[(voxels[:, 2] == 3) & (voxels[:, 0] < 2) & (voxels[:, 1] < 2)] = \
+        35.0 + 150.0 * gamma_variate(t, 6.0, 2.0, 1.5)  # 4 artery voxels
+    motion_parameters = np.zeros((t.size, 6))
+    motion_parameters[10:16, 5] = 2.0  # mm along the slice axis
+    edge = mo.edge_strength(unenhanced, spacing)
+    assert cv.bolus_arrival_frame(curves) >= 10  # the artefact sets the reference
+    steady = af.arrival_reference_voxels(curves, voxels, spacing, motion_parameters, edge)
+    assert not steady[voxels[:, 2] == 1].any() and steady[voxels[:, 2] > 1].all()
+    assert cv.bolus_arrival_frame(curves[steady]) == 7
+    # a still head: every voxel times the bolus
+    assert af.arrival_reference_voxels(curves, voxels, spacing, None, None).all()
+
+
 @pytest.mark.parametrize("peak", [10.0, 5000.0])
 def test_intensity_scale_brings_non_hu_series_to_a_ct_like_arterial_peak(peak):
     t = np.arange(40.0)
@@ -600,6 +628,17 @@ def test_select_vof_picks_sinus_and_scaling_undoes_partial_volume():
     assert af.vof_scale_factor(aif, vof) == pytest.approx(1 / 0.6, rel=0.02)
 
 
+def test_vof_scaling_above_three_is_applied_and_flagged():
+    """An AIF keeping a quarter of the arterial area (partial volume after a head jerk): left
+    unscaled, every CBF and CBV would be 4x too high; the VOF's factor is used and flagged."""
+    t = np.arange(0.0, 60.0, 1.5)
+    aif = af.vessel_curve(0.25 * arterial_input(t, C)[None], np.zeros((1, 3), int), [0], t)
+    vof = af.vessel_curve(venous_output(t, C)[None], np.zeros((1, 3), int), [0], t)
+    factor, transit, flag = af.vof_scaling(aif, vof)
+    assert factor == pytest.approx(4.0, rel=0.02) and transit["r2"] > 0.99
+    assert "4.0x" in flag and "check" in flag
+
+
 @pytest.mark.parametrize("recirculation", [0.12, 0.25])
 def test_venous_transit_fit_recovers_scale_and_kernel_despite_recirculation(recirculation):
     """VOF = AIF convolved with a unit-area gamma kernel (shape 4, mean 4.8 s); the AIF seen at
@@ -959,11 +998,11 @@ def test_vessel_problems_name_each_failure():
     weak = af.vessel_curve(0.2 * enh, vox, np.flatnonzero(np.isin(_rows(vox), _rows(ARTERY_CORE))),
                               T_VESSELS)
     assert any("low arterial signal" in p for p in af.vessel_problems(weak, vof))
-    # a VOF with 4x the AIF's area is not used, and says so
+    # a VOF with 4x the AIF's area is used (unscaled, every CBF would be 4x), and flagged
     huge = af.vessel_curve(4.0 * enh, vox, np.flatnonzero(np.isin(_rows(vox), _rows(ARTERY_CORE))),
                               T_VESSELS)
-    assert any("not used" in p for p in af.vessel_problems(aif, huge))
-    assert af.vof_scale_factor(aif, huge) == 1.0
+    assert any("check it" in p for p in af.vessel_problems(aif, huge))
+    assert af.vof_scale_factor(aif, huge) == pytest.approx(4.0, rel=0.02)
 
 
 def test_denoise_baseline_lowers_offset_noise_and_keeps_tissue_boundaries():

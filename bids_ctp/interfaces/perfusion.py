@@ -247,6 +247,9 @@ class _CurvesInput(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True)
     frame_times = traits.List(traits.Float, mandatory=True)
     n_threads = traits.Int(1, usedefault=True, desc="threads of the baseline's denoising")
+    motion_parameters = traits.List(traits.List(traits.Float),
+                                    desc="per frame rigid motion (rad, mm): voxels that head "
+                                         "motion can fill with bone do not time the bolus")
 
 
 class _CurvesOutput(TraitedSpec):
@@ -269,11 +272,17 @@ class EnhancementCurves(SimpleInterface):
         times = np.asarray(self.inputs.frame_times) - self.inputs.frame_times[0]
         tissue = data[brain]
         aif_stage.check_first_frame(times, tissue, self.inputs.source)
-        arrival = curves.bolus_arrival_frame(tissue, self.inputs.source)
+        spacing = images.spacing(self.inputs.in_file)
+        moved = isdefined(self.inputs.motion_parameters) and np.any(self.inputs.motion_parameters)
+        timing = aif_stage.arrival_reference_voxels(
+            tissue, np.argwhere(brain), spacing, self.inputs.motion_parameters if moved else None,
+            motion.edge_strength(data[..., :curves.MIN_BASELINE_FRAMES].mean(axis=-1), spacing)
+            if moved else None)
+        arrival = curves.bolus_arrival_frame(tissue[timing], self.inputs.source)
         n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
         base = preprocess.denoise_baseline(
             curves.baseline(data, n_baseline, self.inputs.source),
-            images.spacing(self.inputs.in_file), preprocess.estimate_noise(data), n_baseline,
+            spacing, preprocess.estimate_noise(data), n_baseline,
             self.inputs.n_threads)[brain]
         enhancement = tissue - base[:, None]
         ttp = curves.time_to_peak(times, enhancement)

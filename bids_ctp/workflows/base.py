@@ -105,6 +105,7 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
         (enhancement, deconvolve, [("baseline", "baseline"), ("baseline_frames", "baseline_frames")]),
         (moco, deconvolve, [("parameters", "motion_parameters"), ("noise_sd", "noise_sd")]),
         (moco, aif, [("parameters", "motion_parameters")]),
+        (moco, enhancement, [("parameters", "motion_parameters")]),
         (aif, deconvolve, [("aif", "aif")]),
         (deconvolve, perfusion, [("flow", "flow"), ("area", "area"), ("tmax", "tmax")]),
         (deconvolve, write, [("residue_shape", "residue_shape"),
