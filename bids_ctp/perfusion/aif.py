@@ -34,7 +34,12 @@ from bids_ctp.perfusion.motion import expected_artefact_hu
 
 CANDIDATE_FRACTION = 0.3  # of the 99.9th percentile of peak enhancement in the brain
 MIN_CLUSTER_MM3 = 2.0  # smaller bright clusters are noise or tiny vessels
-EARLY_WINDOW_S = 2.0  # clusters peaking later than the earliest one + this are veins
+# Clusters peaking later than the earliest one + this are veins (phantom sinuses peak 4-7 s
+# after the arteries). 2 s let a few weak artery-edge voxels whose rise a head jerk cut short
+# (peaking 2.2-2.6 s before the arteries themselves) shut the arteries out: 99 HU AIF, every
+# CBF +180...+350 % (independent phantom, jerk on the arterial upslope). 3 s changed nothing
+# else on 41 phantom sets.
+EARLY_WINDOW_S = 3.0
 CENTRE_FRACTION = 0.8  # keep voxels reaching this fraction of the best early voxel's peak
 MAX_AIF_VOXELS = 40
 FIRST_PASS_END = 0.6  # fraction of the peak where the fitted first pass ends
@@ -307,8 +312,9 @@ def arrival_reference_voxels(curves, voxels, spacing, motion_parameters, edge) -
     (``expected_artefact_hu``, as for the AIF's clusters). Bone moving in and out of the CSF
     next to the skull outshone the arteries: with the head moving after the first pass at
     1.5 mm pixels the reference rose with the movement, arrival came 3 frames late, and the
-    baseline held the arterial bolus (the AIF went to the sinus, CBF +215 %). All of them when
-    no head motion is given, or when none would be left.
+    baseline held the arterial bolus (the arteries' curves -39 HU before it, AIF 110 HU, CBF
+    +30 %; with a trial smoothing the AIF went to the sinus, CBF +215 %). All of them when no
+    head motion is given, or when none would be left.
     """
     keep = np.ones(len(curves), bool)
     if motion_parameters is None or edge is None or not np.any(motion_parameters):
