@@ -91,6 +91,7 @@ def test_bolus_arrival_is_not_timed_by_motion_artefacts_next_to_bone():
     steady = af.arrival_reference_voxels(curves, voxels, spacing, motion_parameters, edge)
     assert not steady[voxels[:, 2] == 1].any() and steady[voxels[:, 2] > 1].all()
     assert cv.bolus_arrival_frame(curves[steady]) == 7
+    assert cv.bolus_arrival_frame(curves, eligible=steady) == 7
     # a still head: every voxel times the bolus
     assert af.arrival_reference_voxels(curves, voxels, spacing, None, None).all()
 

@@ -278,7 +278,7 @@ class EnhancementCurves(SimpleInterface):
             tissue, np.argwhere(brain), spacing, self.inputs.motion_parameters if moved else None,
             motion.edge_strength(data[..., :curves.MIN_BASELINE_FRAMES].mean(axis=-1), spacing)
             if moved else None)
-        arrival = curves.bolus_arrival_frame(tissue[timing], self.inputs.source)
+        arrival = curves.bolus_arrival_frame(tissue, self.inputs.source, eligible=timing)
         n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
         base = preprocess.denoise_baseline(
             curves.baseline(data, n_baseline, self.inputs.source),

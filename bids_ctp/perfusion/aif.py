@@ -319,7 +319,7 @@ def arrival_reference_voxels(curves, voxels, spacing, motion_parameters, edge) -
     keep = np.ones(len(curves), bool)
     if motion_parameters is None or edge is None or not np.any(motion_parameters):
         return keep
-    rise = (curves - curves[:, :1]).max(axis=1)
+    rise = curves.max(axis=1) - curves[:, 0]  # no (n, T) temporary
     n_ref = max(1, int(round(ARTERIAL_REFERENCE_FRACTION * len(rise))))
     bright = np.flatnonzero(rise >= ARRIVAL_SCREEN_FRACTION * np.partition(rise, -n_ref)[-n_ref])
     voxels = np.asarray(voxels)

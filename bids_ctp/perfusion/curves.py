@@ -83,17 +83,22 @@ def intensity_scale(data: np.ndarray, noise_sd: float) -> float:
     return NOMINAL_PEAK_HU / peak
 
 
-def bolus_arrival_frame(curves: np.ndarray, source: str = "image") -> int:
+def bolus_arrival_frame(curves: np.ndarray, source: str = "image", eligible=None) -> int:
     """Index of the first frame showing the bolus in the earliest, strongest-enhancing voxels.
 
     ``curves`` has shape (n_voxels, n_frames) in HU. The arterial reference is the mean curve of
     the top ``ARTERIAL_REFERENCE_FRACTION`` voxels by peak enhancement over frame 0, which are
     large vessels; tissue enhances later, so frames before this index are unenhanced everywhere.
+    ``eligible``: optional (n_voxels,) bool, the voxels that may join the reference (a mask
+    rather than a subset: no copy of a whole-brain series).
     """
     curves = np.asarray(curves, dtype=np.float32)
     rise = curves - curves[:, :1]
     peak = rise.max(axis=1)
-    n_ref = max(1, int(round(ARTERIAL_REFERENCE_FRACTION * len(peak))))
+    n_ref = max(1, int(round(ARTERIAL_REFERENCE_FRACTION * (
+        len(peak) if eligible is None else int(np.count_nonzero(eligible))))))
+    if eligible is not None:
+        peak[~np.asarray(eligible, bool)] = -np.inf
     ref_idx = _largest(peak, n_ref)
     # A bolus passes and a vessel comes back down; bone sliding into an edge voxel after head
     # motion stays up and, being brighter than any vessel, would time the motion instead. When
