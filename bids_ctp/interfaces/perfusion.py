@@ -273,11 +273,13 @@ class EnhancementCurves(SimpleInterface):
         tissue = data[brain]
         aif_stage.check_first_frame(times, tissue, self.inputs.source)
         spacing = images.spacing(self.inputs.in_file)
-        moved = isdefined(self.inputs.motion_parameters) and np.any(self.inputs.motion_parameters)
-        timing = aif_stage.arrival_reference_voxels(
-            tissue, np.argwhere(brain), spacing, self.inputs.motion_parameters if moved else None,
-            motion.edge_strength(data[..., :curves.MIN_BASELINE_FRAMES].mean(axis=-1), spacing)
-            if moved else None)
+        timing = None  # a still head: every voxel may time the bolus
+        if isdefined(self.inputs.motion_parameters) and np.any(self.inputs.motion_parameters):
+            # the baseline is not known yet; the first frames are unenhanced in any case
+            edge = motion.edge_strength(data[..., :curves.MIN_BASELINE_FRAMES].mean(axis=-1),
+                                        spacing)
+            timing = aif_stage.arrival_reference_voxels(
+                tissue, np.argwhere(brain), spacing, self.inputs.motion_parameters, edge)
         arrival = curves.bolus_arrival_frame(tissue, self.inputs.source, eligible=timing)
         n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
         base = preprocess.denoise_baseline(

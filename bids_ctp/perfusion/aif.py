@@ -323,8 +323,9 @@ def arrival_reference_voxels(curves, voxels, spacing, motion_parameters, edge) -
     n_ref = max(1, int(round(ARTERIAL_REFERENCE_FRACTION * len(rise))))
     bright = np.flatnonzero(rise >= ARRIVAL_SCREEN_FRACTION * np.partition(rise, -n_ref)[-n_ref])
     voxels = np.asarray(voxels)
-    for start in range(0, len(bright), 100_000):  # bounded memory: (chunk, T) displacements
-        part = bright[start:start + 100_000]
+    chunk = 100_000  # bounded memory: (chunk, T) displacements
+    for start in range(0, len(bright), chunk):
+        part = bright[start:start + chunk]
         artefact = expected_artefact_hu(motion_parameters, edge, spacing, voxels[part])
         keep[part[artefact > MAX_ARTEFACT_TO_PEAK * rise[part]]] = False
     return keep if keep.any() else np.ones(len(curves), bool)
