@@ -353,17 +353,29 @@ def test_relative_frame_noise_sees_interpolated_frames():
     assert np.all(pp.relative_frame_noise(curves[:, :2]) == 1.0)
 
 
-def test_guide_weights_follow_the_bolus():
-    t = np.arange(40.0)
+def test_guide_channels_measure_contrast_amplitude_and_timing():
+    """Three uncorrelated channels of unit noise. Of the difference between a bolus and the
+    same bolus 5 s later (invisible in a time average) they keep 96 % (in noise units², of all
+    frames'); with the timing channel's copy 2 s late 75 %, without that channel 32 %. No
+    bolus: the (noise-weighted) time average alone."""
+    t = np.arange(0.0, 60.0, 1.5)
     rng = np.random.default_rng(8)
-    bolus = 20.0 * gamma_variate(t, 10.0, 3.0, 2.0)
-    curves = (35.0 + bolus + rng.normal(0.0, 10.0, (5000, t.size))).astype(np.float32)
-    w = pp.guide_weights(curves)
-    assert w.sum() == pytest.approx(1.0)
-    assert w.min() >= (1 - pp.BOLUS_GUIDE_SHARE) / t.size - 1e-9  # the plain-mean part
-    assert abs(int(np.argmax(w)) - int(np.argmax(bolus))) <= 1
+    bolus = gamma_variate(t, 10.0, 3.0, 2.0)
+    curves = (35.0 + 20.0 * bolus + rng.normal(0.0, 10.0, (5000, t.size))).astype(np.float32)
+    frame_sd = np.full(t.size, 10.0)
+    frame_sd[::3] = 5.0  # frames of unequal noise
+    w = pp.guide_channels(curves, frame_sd, t)
+    assert w.shape == (t.size, 3)
+    np.testing.assert_allclose((w * frame_sd[:, None] ** 2).T @ w, np.eye(3), atol=1e-9)
+    late = 20.0 * gamma_variate(t, 15.0, 3.0, 2.0) - 20.0 * bolus  # same area, 5 s later
+    assert abs(late.mean()) < 0.01 * 20.0 * bolus.max()
+    full = np.sum((late / frame_sd) ** 2)  # the squared distance in noise units, all frames
+    assert np.sum((late @ w) ** 2) > 0.9 * full
     flat = (35.0 + rng.normal(0.0, 10.0, (5000, t.size))).astype(np.float32)
-    np.testing.assert_allclose(pp.guide_weights(flat), 1.0 / t.size)  # no bolus: plain mean
+    w_flat = pp.guide_channels(flat, frame_sd, t)
+    inverse_variance = frame_sd**-2 / np.sum(frame_sd**-2)
+    np.testing.assert_allclose(w_flat[:, 0] / w_flat[:, 0].sum(), inverse_variance)
+    assert w_flat.shape == (t.size, 1)
 
 
 def test_neighbourhood_scales_with_spacing():
@@ -431,7 +443,8 @@ def test_cross_bilateral_keeps_core_apart_from_penumbra(seed):
     plain time average as guide, separation lambda 6: 19-22 / 5-6 / 5-7 %, 0.96-1.01 HU;
     a quarter of the guide matched to the bolus, lambda 6: 11-12 / 8-11 / 7 %, 0.94-0.99 HU;
     plain time average, lambda 9: 22-23 / 2-3 / 3-4 %, 0.69-0.72 HU;
-    a quarter matched, lambda 9 (the filter): 14 / 4 / 4-5 %, 0.69-0.73 HU."""
+    a quarter matched, lambda 9: 14 / 4 / 4-5 %, 0.69-0.73 HU;
+    constant, bolus and delayed-bolus channels (the filter): 8-9 / 2-3 / 2-3 %, 0.72-0.73 HU."""
     rng = np.random.default_rng(seed)
     t = np.arange(40.0)
     bolus = gamma_variate(t, 5.0, 3.0, 2.0)
@@ -445,11 +458,37 @@ def test_cross_bilateral_keeps_core_apart_from_penumbra(seed):
     def mixed(rows):  # fraction of the contrast that leaked into these rows, averaged
         return np.mean([abs(float((out[r] - truth[r]).sum(-1).mean())) for r in rows]) / contrast
 
-    assert mixed([23, 24]) < 0.17
-    assert mixed([21, 22, 25, 26]) < 0.06
-    assert mixed([19, 20, 27, 28]) < 0.065
+    assert mixed([23, 24]) < 0.12
+    assert mixed([21, 22, 25, 26]) < 0.035
+    assert mixed([19, 20, 27, 28]) < 0.04
     interior = out[4:18] - truth[4:18]
     assert interior.std() < 0.8 and abs(interior.mean()) < 0.1  # 10 HU brought to ~0.7 HU
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cross_bilateral_keeps_delayed_tissue_apart(seed):
+    """Same baseline and bolus area, one side's bolus 5 s later (healthy tissue next to
+    penumbra of equal CBV): a time average cannot tell them apart, the guide's timing channel
+    can. Fraction of the curves' difference that leaked into the rows next to the edge / two to
+    three rows in, and the interior noise: time average partly matched to the bolus as guide
+    49 / 34 %, 0.72-0.76 HU; the filter 19-22 / 11-15 %, 0.76-0.79 HU."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(45.0)
+    early, late = gamma_variate(t, 5.0, 3.0, 2.0), gamma_variate(t, 10.0, 3.0, 2.0)
+    truth = np.empty((48, 48, 4, t.size), np.float32)
+    truth[:24] = 35.0 + 8.0 * early
+    truth[24:] = 35.0 + 8.0 * late
+    out = pp.cross_bilateral(truth + rng.normal(0.0, 10.0, truth.shape).astype(np.float32),
+                             (1.0, 1.0, 5.0), noise_sd=10.0, times=t)
+    difference = 8.0 * np.abs(early - late).sum()
+
+    def mixed(rows):  # the rows' mean curve error, as a fraction of the difference
+        return np.mean([np.abs((out[r] - truth[r]).mean(axis=(0, 1))).sum()
+                        for r in rows]) / difference
+
+    assert mixed([23, 24]) < 0.25
+    assert mixed([21, 22, 25, 26]) < 0.18
+    assert (out[4:18] - truth[4:18]).std() < 0.8
 
 
 # ====================================================================== aif

@@ -102,8 +102,8 @@ class WriteDerivatives(SimpleInterface):
             # size and weights count it
             "EstimatedNoiseCorrelation": [round(r, 3) for r in inp.noise_correlation],
             "SmoothingFilter": ("cross-bilateral with adaptive weights (propagation-separation), "
-                                "guided by a time average weighted partly by the bolus"),
-            "SmoothingGuideBolusShare": preprocess.BOLUS_GUIDE_SHARE,
+                                "guided by the leading principal components of the tissue curves"),
+            "SmoothingGuideComponents": preprocess.GUIDE_COMPONENTS,
             "SmoothingSigma": round(inp.sigma_mm, 3), "SmoothingSigmaUnits": "mm",
             "ValuesOutsideBrain": 0,
             # not BIDS "TimeZero" (a clock time in PET-BIDS): the origin of TTP and AIF times

@@ -169,6 +169,8 @@ class _SmoothInput(BaseInterfaceInputSpec):
     noise_correlation = traits.List(traits.Float, [0.0, 0.0, 0.0], usedefault=True,
                                     desc="neighbour correlation of the noise along x, y, z")
     sigma_mm = traits.Float(desc="spatial sigma (mm); default: adapted to the noise")
+    frame_times = traits.List(traits.Float, desc="frame start times (s): the guide's bolus "
+                              "timing channel; default 1 s apart")
     n_threads = traits.Int(1, usedefault=True)
 
 
@@ -195,8 +197,9 @@ class SmoothCTP(SimpleInterface):
         sigma = (self.inputs.sigma_mm if isdefined(self.inputs.sigma_mm)
                  else preprocess.smoothing_sigma(noise, spacing, correlation))
         smoothed = images.create_like(self.inputs.in_file, "ctp_smooth.nii", data.shape)
+        times = self.inputs.frame_times if isdefined(self.inputs.frame_times) else None
         preprocess.cross_bilateral(data, spacing, sigma, noise, self.inputs.n_threads, frame_sd,
-                                   out=smoothed, correlation=correlation)
+                                   out=smoothed, correlation=correlation, times=times)
         smoothed.flush()
         self._results["sigma_mm"] = sigma
         self._results["out_file"] = smoothed.filename

@@ -3,17 +3,18 @@
 Filter choice: a cross (joint) bilateral filter whose range weights come from adaptive weights
 smoothing of the guide (propagation-separation, Polzehl & Spokoiny 2006). Every frame is
 averaged over a spatial Gaussian neighbourhood (sigma in mm, so the same anatomy is averaged at
-any pixel size), weighted by how similar the neighbours are in a guide image: a time average
-whose frame weights are mostly even and partly matched to the bolus (``guide_weights``). That
-guide is itself smoothed in steps of growing neighbourhood, and neighbours are compared by the
-difference of their current estimates relative to its noise, which shrinks as the
-neighbourhoods grow. Skull, air, CSF, grey and white matter and vessels differ by far more than
-the noise, and so, after a few steps, do regions whose guide differs by only one or two noise
-units per voxel (ischemic core next to penumbra): every tissue curve is averaged only with
-curves of its own kind. Unlike iterative diffusion filters (SimpleITK CurvatureFlow or
-anisotropic diffusion, whose stable time step depends on the spacing), it has no time step and
-no stability condition, and every frame gets identical weights, so the shape of the curves
-(hence CBF and Tmax) is not distorted frame by frame.
+any pixel size), weighted by how similar the neighbours are in a guide: a few images that
+sum up each voxel's curve where tissue curves differ most (``guide_channels``: unenhanced
+contrast, bolus amplitude, bolus timing). That guide is itself smoothed in steps of growing
+neighbourhood, and neighbours are compared by the distance of their current estimates relative
+to its noise, which shrinks as the neighbourhoods grow. Skull, air, CSF, grey and white matter
+and vessels differ by far more than the noise, and so, after a few steps, do regions whose
+guide differs by only one or two noise units per voxel (ischemic core next to penumbra,
+penumbra next to healthy tissue of the same CBV but an earlier bolus): every tissue curve is
+averaged only with curves of its own kind. Unlike iterative diffusion filters (SimpleITK
+CurvatureFlow or anisotropic diffusion, whose stable time step depends on the spacing), it has
+no time step and no stability condition, and every frame gets identical weights, so the shape
+of the curves (hence CBF and Tmax) is not distorted frame by frame.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy.signal import fftconvolve
+from scipy.stats import chi2
 from threadpoolctl import threadpool_limits
 
 TARGET_NOISE_HU = 0.5  # residual per-frame noise the smoothing aims for
@@ -37,21 +39,23 @@ SOFT_TISSUE_HU = (-50.0, 150.0)  # voxels used to estimate the noise
 BASELINE_SIGMA_MM = 2.0
 BASELINE_NOISE_HU = 0.25
 AIR_HU = -500.0  # time-averaged voxels below this are air, left unsmoothed
-# Separation: estimates 3 of their SDs apart weigh 1/e. 9 rather than 6 (2.4 SDs): with the
-# bolus-matched guide, the worst regional error fell on 7 of 8 phantoms (e.g. 2 s sampling and
-# motion 11 -> 8 %, 2 mm motion GM MTT on five motion paths by 1-2 points) and the unit
-# test's interior noise from 1.0 to 0.7 HU; core CBF at 2.5 mm pixels rose from +15 to +19 %
-# (mean of four noise seeds), at 2 mm it did not change.
+# Separation: with one guide channel, estimates 3 of their SDs apart weigh 1/e. 9 rather than 6
+# (2.4 SDs): with a time-average guide partly matched to the bolus, the worst regional error fell
+# on 7 of 8 phantoms (e.g. 2 s sampling and motion 11 -> 8 %, 2 mm motion GM MTT on five motion
+# paths by 1-2 points). With K channels the squared distance of pure noise is chi-square with K
+# degrees of freedom, and the separation is that distribution's quantile at the same level.
 ADAPTIVE_LAMBDA = 9.0
+# The guide's channels (``guide_channels``): unenhanced contrast, bolus amplitude, bolus timing
+GUIDE_COMPONENTS = 3
+# Delay (s) of the timing channel's copy of the bolus. Penumbra's bolus comes seconds after
+# healthy tissue's (Tmax > 6 s is hypoperfused); of healthy white matter against penumbra 4 s
+# and 7 s late, a copy 3 s late captured 2.6 and 3.0 noise units², 4 s 3.1 and 3.6, the slope of
+# the bolus (the first-order change of a delay) 1.7 and 2.3, of 3.9 and 6.0 in all frames.
+GUIDE_DELAY_S = 4.0
+MIN_BOLUS_HU = 0.5  # median soft-tissue enhancement below which the guide is the constant only
 TILE = (8, 8, 2)  # voxels per matrix product of the smoothing (x, y, slices per slab)
 OFFSET_BLOCK_VALUES = 256 * 1024  # floats per block of _offset_average (1 MB, in the CPU cache)
 ADAPTIVE_AREA_GROWTH = 2.0  # neighbourhood area doubles per step (finer steps measured no better)
-# Weight of the bolus-shaped (matched filter) part of the guide. Over eight phantoms (still and
-# moving, 1-2.5 mm pixels, 1-2 s sampling) the worst regional error fell from 4-23 % to 3-17 %
-# with 0.25 and the 0.5 HU noise target; 0.5 was as good there but raised white-matter CBF
-# under 2 mm / 2 degree motion at 1.5 mm pixels from +1 to +8 %.
-BOLUS_GUIDE_SHARE = 0.25
-MIN_BOLUS_HU = 0.5  # median soft-tissue enhancement below which the guide is the plain mean
 NOISE_SAMPLE_VOXELS = 50_000  # soft-tissue curves the noise and bolus medians look at
 # neighbour correlations of the noise below this are white noise (white-noise phantoms measure
 # 0.00 +- 0.01)
@@ -155,26 +159,38 @@ def noise_correlation(data: np.ndarray, max_slices: int = 8) -> tuple[float, ...
     return tuple(out)
 
 
-def guide_weights(curves: np.ndarray) -> np.ndarray:
-    """Frame weights (sum 1) of the smoothing guide from (n, T) soft-tissue curves.
+def guide_channels(curves: np.ndarray, frame_sd, times) -> np.ndarray:
+    """Frame weights (T, K) of the smoothing guide's channels, from (n, T) soft-tissue curves,
+    each frame's noise SD and the frame times (s).
 
-    Uniform for the most part (1 - BOLUS_GUIDE_SHARE), for the unenhanced contrast between
-    tissues (grey and white matter, CSF, bone) that every frame carries; the rest proportional
-    to the median soft-tissue enhancement, a matched filter for the bolus: ischemic core and
-    penumbra share their unenhanced HU and differ only while the bolus passes (on a phantom
-    with 1.5 mm pixels and 2 s sampling their separation in guide noise units rose from 1.0
-    to 1.7 with the matched filter alone). Uniform when no bolus is seen.
+    The channels measure a curve along three directions, in units of the noise and
+    uncorrelated with each other (orthonormal once every frame is divided by its noise SD):
+    a constant (unenhanced contrast: grey and white matter, CSF, bone), the median soft-tissue
+    enhancement (bolus amplitude, i.e. CBV) and the same enhancement GUIDE_DELAY_S later (bolus
+    timing). The distance between two voxels' guides is then the part of their curves'
+    difference that lies in those directions. A single time average (the guide before) saw
+    only the first two, mixed: on an independently made phantom, penumbra of healthy white
+    matter's CBV but a bolus 4-7 s later was at a squared distance of 0.0 noise units² per
+    voxel from it there, 3.1-3.6 in these channels (3.9-6.0 in all 45 frames), and smoothing
+    mixed the two (penumbra CBF -13...-24 %, Tmax -0.7...-1.0 s). The leading principal
+    components of the curves did as well on still scans, but under head motion they follow the
+    motion's artefacts instead. Only the constant when no bolus stands out of the median curve's
+    noise; with no more frames than channels, every frame is a channel (a single image: itself).
     """
+    sd = np.maximum(np.asarray(frame_sd, dtype=float), 1e-3)  # noise-free data: no division by 0
     n_frames = curves.shape[1]
-    uniform = np.full(n_frames, 1.0 / n_frames)
-    if n_frames < 3:
-        return uniform
+    if n_frames <= GUIDE_COMPONENTS:
+        return np.diag(1.0 / sd)
     median = np.median(curves, axis=0)
     enhancement = np.clip(median - np.percentile(median, 20), 0.0, None)
+    directions = [np.ones(n_frames)]
     # the median curve's own noise is ~1.25 sigma / sqrt(n): a bolus must stand well above it
-    if enhancement.max() < max(MIN_BOLUS_HU, 6.0 * 1.25 * _noise_sd(curves) / np.sqrt(len(curves))):
-        return uniform
-    return (1.0 - BOLUS_GUIDE_SHARE) * uniform + BOLUS_GUIDE_SHARE * enhancement / enhancement.sum()
+    median_noise = 1.25 * _noise_sd(curves) / np.sqrt(len(curves))
+    if enhancement.max() >= max(MIN_BOLUS_HU, 6.0 * median_noise):
+        times = np.asarray(times, dtype=float)
+        directions += [enhancement, np.interp(times - GUIDE_DELAY_S, times, enhancement)]
+    orthonormal = np.linalg.qr(np.stack(directions, axis=1) / sd[:, None])[0]
+    return orthonormal / sd[:, None]
 
 
 def smoothing_sigma(noise_sd: float, spacing, correlation=(0.0, 0.0, 0.0)) -> float:
@@ -249,8 +265,9 @@ def neighbourhood(spacing, sigma_mm: float):
 def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
                     noise_sd: float | None = None, n_threads: int = 1,
                     frame_noise_sd=None, out: np.ndarray | None = None,
-                    correlation=(0.0, 0.0, 0.0)) -> np.ndarray:
-    """Edge-preserving smoothing of a 4D series (x, y, z, t) guided by a weighted time average.
+                    correlation=(0.0, 0.0, 0.0), times=None) -> np.ndarray:
+    """Edge-preserving smoothing of a 4D series (x, y, z, t) guided by a few summaries of every
+    voxel's curve (``guide_channels``; ``times``: frame times in s, default 1 s apart).
 
     Returns a new float32 array, or ``out`` (same shape, e.g. a memory-mapped file) filled.
     Processed in slabs along the third axis (with a halo), in ``n_threads`` threads, so memory
@@ -258,11 +275,12 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
     ``sigma_mm`` defaults to :func:`smoothing_sigma` of the estimated noise.
 
     The range weights of the last step come from the guide's adaptive smoothing (module
-    docstring): at each step, penalty = effective sample size / (ADAPTIVE_LAMBDA x guide
-    noise variance), weight = spatial x exp(-penalty (difference of estimates)²). The guide is
-    the series weighted by ``guide_weights``; its noise variance is the sum over frames of
-    (weight x ``frame_noise_sd``)², by default ``noise_sd`` x ``relative_frame_noise`` of
-    ``data`` (pass :func:`frame_noise` of the acquired series for a motion-corrected one).
+    docstring): at each step, penalty = effective sample size / separation, weight = spatial x
+    exp(-penalty x squared distance of the estimates), the guide in units of its noise
+    (``guide_channels``; separation: ADAPTIVE_LAMBDA's chi-square level for that many
+    channels). The frames' noise is by default ``noise_sd`` x ``relative_frame_noise`` of
+    ``data``; pass :func:`frame_noise` of the acquired series as ``frame_noise_sd`` for a
+    motion-corrected one.
     ``correlation``: the noise's neighbour correlations (``noise_correlation``); an estimate
     over a neighbourhood then keeps more of its noise than white noise would leave
     (``effective_voxels``), and the penalty counts that.
@@ -273,33 +291,34 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
         noise_sd = float(_noise_sd(sample))  # estimate_noise(data), without sampling again
     if sigma_mm is None:
         sigma_mm = smoothing_sigma(noise_sd, spacing, correlation)
-    frame_weights = guide_weights(sample)
-    # einsum: 8x faster than @ on the Fortran-ordered series nibabel loads
-    guide = np.einsum("...t,t->...", data, frame_weights.astype(np.float32))
     frame_sd = (noise_sd * relative_frame_noise(sample) if frame_noise_sd is None
                 else np.asarray(frame_noise_sd, float))
-    guide_var = max(float(np.sum((frame_weights * frame_sd) ** 2)), 1e-6)
+    n_frames = data.shape[-1]
+    channels = guide_channels(sample, frame_sd, np.arange(n_frames) if times is None else times)
+    # the time average as well, to find the air around the head
+    weights = np.column_stack([np.full(n_frames, 1.0 / n_frames), channels]).astype(np.float32)
+    # einsum: 8x faster than @ on the Fortran-ordered series nibabel loads
+    guide = np.einsum("...t,tk->...k", data, weights)
     if out is None:
         out = data.copy()
     else:
         out[...] = data
     # Air around the head needs no smoothing: work inside the head's bounding box only.
-    head = np.argwhere((guide > AIR_HU).any(axis=2))
+    head = np.argwhere((guide[..., 0] > AIR_HU).any(axis=2))
     if head.size == 0:
         return out
     box = tuple(slice(lo, hi + 1) for lo, hi in zip(head.min(axis=0), head.max(axis=0)))
-    guide = np.ascontiguousarray(guide[box])
+    guide = np.ascontiguousarray(guide[box][..., 1:])
+    separation = chi2.ppf(chi2.cdf(ADAPTIVE_LAMBDA, 1), channels.shape[1])
     # start from single voxels: effective sample size 1
     estimate = guide
-    penalty = np.full(guide.shape, np.float32(1.0 / (ADAPTIVE_LAMBDA * guide_var)))
+    penalty = np.full(guide.shape[:3], np.float32(1.0 / separation))
     for sigma in _growing_sigmas(min(spacing[:2]), sigma_mm)[:-1]:
-        estimate, wsum = _adaptive_average(guide[..., None], estimate, penalty, spacing, sigma,
-                                           n_threads)
-        estimate = estimate[..., 0]
+        estimate, wsum = _adaptive_average(guide, estimate, penalty, spacing, sigma, n_threads)
         # correlated noise: the estimate's variance is this much above the white-noise figure
         excess = (1.0 if not any(correlation) else
                   effective_voxels(spacing, sigma) / effective_voxels(spacing, sigma, correlation))
-        penalty = (wsum / np.float32(ADAPTIVE_LAMBDA * guide_var * excess)).astype(np.float32)
+        penalty = (wsum / np.float32(separation * excess)).astype(np.float32)
     _adaptive_average(data[box], estimate, penalty, spacing, sigma_mm, n_threads, out=out[box])
     return out
 
@@ -327,8 +346,9 @@ def _adaptive_average(values: np.ndarray, estimate: np.ndarray, penalty: np.ndar
     """
     offsets, spatial_w = neighbourhood(spacing, sigma_mm)
     out = np.empty(values.shape, np.float32) if out is None else out
-    wsum_out = np.empty(estimate.shape, np.float32)
-    if values.shape[-1] == 1:  # a single image (guide, baseline): offset by offset is faster
+    n_channels = estimate.shape[3]
+    wsum_out = np.empty(estimate.shape[:3], np.float32)
+    if values.shape[-1] <= GUIDE_COMPONENTS:  # the guide (few images): offset by offset is faster
         return _offset_average(values, estimate, penalty, offsets, spatial_w, n_threads, out,
                                wsum_out)
     halo = int(np.abs(offsets[:, 2]).max())
@@ -368,7 +388,7 @@ def _adaptive_average(values: np.ndarray, estimate: np.ndarray, penalty: np.ndar
         wsum = np.empty(acc.shape[:3], np.float32)
         for x0 in range(0, acc.shape[0], tx):
             for y0 in range(0, acc.shape[1], ty):
-                near = g[x0:x0 + box[0], y0:y0 + box[1]].reshape(-1)
+                near = g[x0:x0 + box[0], y0:y0 + box[1]].reshape(-1, n_channels)
                 curves = d[x0:x0 + box[0], y0:y0 + box[1]].reshape(-1, n_frames)
                 centre_pen = penalty[x0:x0 + tx, y0:y0 + ty, z0:z1]
                 if centre_pen.shape != (tx, ty, tz):  # beyond the grid: edge values
@@ -378,6 +398,7 @@ def _adaptive_average(values: np.ndarray, estimate: np.ndarray, penalty: np.ndar
                 near_w = near[columns]
                 near_w -= near[centre][:, None]
                 near_w *= near_w
+                near_w = near_w.sum(axis=-1)  # squared distance over the guide's channels
                 near_w *= -centre_pen.reshape(-1, 1)
                 np.exp(near_w, out=near_w)
                 near_w *= spatial_w
@@ -398,12 +419,12 @@ def _adaptive_average(values: np.ndarray, estimate: np.ndarray, penalty: np.ndar
 
 
 def _padded_slab(estimate, values, z0: int, z1: int, halo: int, pad):
-    """Slices z0..z1 of ``estimate`` (3D) and ``values`` (4D) with ``halo`` slices either side and
-    the in-plane ``pad``, edge values beyond the grid."""
+    """Slices z0..z1 of ``estimate`` and ``values`` (both 4D) with ``halo`` slices either side
+    and the in-plane ``pad``, edge values beyond the grid."""
     nz = estimate.shape[2]
     lo, hi = max(0, z0 - halo), min(nz, z1 + halo)
     zpad = [(halo - (z0 - lo), halo - (hi - z1))]
-    return (np.pad(estimate[:, :, lo:hi], pad + zpad, mode="edge"),
+    return (np.pad(estimate[:, :, lo:hi], pad + zpad + [(0, 0)], mode="edge"),
             np.pad(values[:, :, lo:hi], pad + zpad + [(0, 0)], mode="edge"))
 
 
@@ -420,7 +441,8 @@ def _offset_average(values, estimate, penalty, offsets, spatial_w, n_threads, ou
         z1 = min(nz, z0 + slab)
         g, d = _padded_slab(estimate, values, z0, z1, halo, pad)
         # rows in blocks whose temporaries stay in the CPU cache
-        rows = max(1, OFFSET_BLOCK_VALUES // (ny * (z1 - z0) * values.shape[-1]))
+        rows = max(1, OFFSET_BLOCK_VALUES // (ny * (z1 - z0) * max(values.shape[-1],
+                                                                     estimate.shape[-1])))
         for x0 in range(0, nx, rows):
             x1 = min(nx, x0 + rows)
             core = (slice(pad[0][0] + x0, pad[0][0] + x1), slice(pad[1][0], pad[1][0] + ny),
@@ -428,13 +450,14 @@ def _offset_average(values, estimate, penalty, offsets, spatial_w, n_threads, ou
             g0 = g[core]
             minus_pen = -penalty[x0:x1, :, z0:z1]
             acc = np.zeros(d[core].shape, dtype=np.float32)
-            wsum = np.zeros(g0.shape, dtype=np.float32)
-            # in place, in two buffers: the exp of every (voxel, offset) pair is the work here
-            w, wd = np.empty_like(wsum), np.empty_like(acc)
+            wsum = np.zeros(g0.shape[:3], dtype=np.float32)
+            # in place, in three buffers: the exp of every (voxel, offset) pair is the work here
+            w, wd, wk = np.empty_like(wsum), np.empty_like(acc), np.empty_like(g0)
             for (ox, oy, oz), ws in zip(offsets, spatial_w):
                 sl = tuple(slice(c.start + o, c.stop + o) for c, o in zip(core, (ox, oy, oz)))
-                np.subtract(g[sl], g0, out=w)
-                np.square(w, out=w)
+                np.subtract(g[sl], g0, out=wk)
+                np.square(wk, out=wk)
+                np.sum(wk, axis=3, out=w)  # squared distance over the guide's channels
                 w *= minus_pen
                 np.exp(w, out=w)
                 w *= ws

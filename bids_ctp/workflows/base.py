@@ -59,7 +59,8 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
     load = pe.Node(LoadCTP(in_file=os.fspath(ctp_input.path), frame_times=times), name="load")
     moco = pe.Node(MotionCorrection(enabled=getattr(options, "motion_correction", True),
                                     n_threads=threads), name="motion", n_procs=threads)
-    smooth = pe.Node(SmoothCTP(n_threads=threads), name="smooth", n_procs=threads)
+    smooth = pe.Node(SmoothCTP(frame_times=times, n_threads=threads), name="smooth",
+                     n_procs=threads)
     source = ctp_input.path.name  # named in data-error messages
     brain = pe.Node(BrainMask(source=source), name="brain_mask")
     if ctp_input.brain_mask is not None:
