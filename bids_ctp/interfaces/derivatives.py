@@ -102,8 +102,11 @@ class WriteDerivatives(SimpleInterface):
             # size and weights count it
             "EstimatedNoiseCorrelation": [round(r, 3) for r in inp.noise_correlation],
             "SmoothingFilter": ("cross-bilateral with adaptive weights (propagation-separation), "
-                                "guided by the leading principal components of the tissue curves"),
-            "SmoothingGuideComponents": preprocess.GUIDE_COMPONENTS,
+                                "guided by each curve's components along a constant, the median "
+                                "bolus and that bolus delayed, in noise units"),
+            "SmoothingGuideChannels": preprocess.GUIDE_CHANNELS,
+            "SmoothingGuideBolusDelay": preprocess.GUIDE_DELAY_S,
+            "SmoothingGuideBolusDelayUnits": "s",
             "SmoothingSigma": round(inp.sigma_mm, 3), "SmoothingSigmaUnits": "mm",
             "ValuesOutsideBrain": 0,
             # not BIDS "TimeZero" (a clock time in PET-BIDS): the origin of TTP and AIF times

@@ -46,7 +46,7 @@ AIR_HU = -500.0  # time-averaged voxels below this are air, left unsmoothed
 # degrees of freedom, and the separation is that distribution's quantile at the same level.
 ADAPTIVE_LAMBDA = 9.0
 # The guide's channels (``guide_channels``): unenhanced contrast, bolus amplitude, bolus timing
-GUIDE_COMPONENTS = 3
+GUIDE_CHANNELS = 3
 # Delay (s) of the timing channel's copy of the bolus. Penumbra's bolus comes seconds after
 # healthy tissue's (Tmax > 6 s is hypoperfused); of healthy white matter against penumbra 4 s
 # and 7 s late, a copy 3 s late captured 2.6 and 3.0 noise units², 4 s 3.1 and 3.6, the slope of
@@ -179,7 +179,7 @@ def guide_channels(curves: np.ndarray, frame_sd, times) -> np.ndarray:
     """
     sd = np.maximum(np.asarray(frame_sd, dtype=float), 1e-3)  # noise-free data: no division by 0
     n_frames = curves.shape[1]
-    if n_frames <= GUIDE_COMPONENTS:
+    if n_frames <= GUIDE_CHANNELS:
         return np.diag(1.0 / sd)
     median = np.median(curves, axis=0)
     enhancement = np.clip(median - np.percentile(median, 20), 0.0, None)
@@ -348,7 +348,7 @@ def _adaptive_average(values: np.ndarray, estimate: np.ndarray, penalty: np.ndar
     out = np.empty(values.shape, np.float32) if out is None else out
     n_channels = estimate.shape[3]
     wsum_out = np.empty(estimate.shape[:3], np.float32)
-    if values.shape[-1] <= GUIDE_COMPONENTS:  # the guide (few images): offset by offset is faster
+    if values.shape[-1] <= GUIDE_CHANNELS:  # the guide (few images): offset by offset is faster
         return _offset_average(values, estimate, penalty, offsets, spatial_w, n_threads, out,
                                wsum_out)
     halo = int(np.abs(offsets[:, 2]).max())
