@@ -93,8 +93,8 @@ def bolus_arrival_frame(curves: np.ndarray, source: str = "image", eligible=None
     rather than a subset: no copy of a whole-brain series).
     """
     curves = np.asarray(curves, dtype=np.float32)
-    rise = curves - curves[:, :1]
-    peak = rise.max(axis=1)
+    first = curves[:, 0]
+    peak = curves.max(axis=1) - first  # the rise above frame 0, without an (n, T) temporary
     n_ref = max(1, int(round(ARTERIAL_REFERENCE_FRACTION * (
         len(peak) if eligible is None else int(np.count_nonzero(eligible))))))
     if eligible is not None:
@@ -103,12 +103,12 @@ def bolus_arrival_frame(curves: np.ndarray, source: str = "image", eligible=None
     # A bolus passes and a vessel comes back down; bone sliding into an edge voxel after head
     # motion stays up and, being brighter than any vessel, would time the motion instead. When
     # nothing bright has come back down (a bolus cut off by the end of the scan) all voxels stay.
-    returned = np.flatnonzero(tail_level(rise) < RETURN_FRACTION * peak)
+    returned = np.flatnonzero(tail_level(curves) - first < RETURN_FRACTION * peak)
     if len(returned) >= n_ref:
         returned = returned[_largest(peak[returned], n_ref)]
         if peak[returned].mean() >= RETURN_FRACTION * peak[ref_idx].mean():
             ref_idx = returned
-    reference = rise[ref_idx].mean(axis=0)
+    reference = curves[ref_idx].mean(axis=0)  # frame 0 drops out with the baseline below
     reference -= reference[:MIN_BASELINE_FRAMES].mean()
     top = int(np.argmax(reference))
     if reference[top] < MIN_BOLUS_HU:
