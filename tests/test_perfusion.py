@@ -1057,6 +1057,29 @@ def test_vessel_problems_name_each_failure():
     assert af.vof_scale_factor(aif, huge) == pytest.approx(4.0, rel=0.02)
 
 
+def test_aif_ending_below_its_baseline_is_flagged():
+    """A head jerk after the bolus can leave the AIF's voxels 10-20 HU lower for the rest of
+    the scan; arterial blood keeps contrast, so a tail below the baseline is flagged. 3 HU
+    per frame (about 25 voxels at 15 HU), 2 s sampling, 300 noise draws each: measured 0.7 %
+    false flags without the step and 92 % flagged with a 10 HU one (3 % of the peak)."""
+    t = np.arange(0.0, 60.0, 2.0)
+    rng = np.random.default_rng(0)
+
+    def flagged(step_hu):
+        curve = arterial_input(t) + rng.normal(0.0, 3.0, t.size)
+        curve[12:] -= step_hu  # from 24 s, after the first pass
+        aif = af.VesselCurve(curve=(curve - curve[:3].mean()).astype(np.float32),
+                             voxels=np.zeros((1, 3), int), peak_hu=float(curve.max()),
+                             ttp_s=14.0, fit={"r2": 0.99}, shape_score=0.99, times=t)
+        return any("below its baseline" in p for p in af.aif_problems(aif))
+
+    assert np.mean([flagged(0.0) for _ in range(300)]) <= 0.03
+    assert np.mean([flagged(10.0) for _ in range(300)]) >= 0.85
+    deficit, z = af.tail_deficit(t, arterial_input(t) - np.where(t >= 24.0, 10.0, 0.0))
+    assert deficit == pytest.approx((10.0 - arterial_input(t)[t >= 42.0].mean())
+                                    / arterial_input(t).max(), rel=1e-6)
+
+
 def test_denoise_baseline_lowers_offset_noise_and_keeps_tissue_boundaries():
     """Baseline of 4 frames at 2 HU residual noise (1 HU per voxel): the denoised baseline's
     noise is at least 2.5 x lower, and a 10 HU grey/white step stays within 1 HU."""
