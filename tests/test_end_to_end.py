@@ -60,6 +60,8 @@ def test_outputs_named_on_input_grid_with_units(run):
         assert sidecar["Units"] == unit
         assert sidecar["TissueDensity"] == 1.05 and sidecar["HematocritFactor"] == 0.73
         assert sidecar["EstimatedNoiseCorrelation"] == [0.0, 0.0, 0.0]  # the phantom's is white
+        assert sidecar["SmoothingGuideChannels"] == 3  # constant, bolus, delayed bolus
+        assert sidecar["SmoothingGuideBolusDelay"] == 4.0
         assert sidecar["FrameTimesStart"] == pytest.approx(phantom.frame_times)
         assert sidecar["Sources"] == [f"bids:raw:{image.ctp.relative_to(phantom.root).as_posix()}"]
     for desc in ("brain", "aif"):

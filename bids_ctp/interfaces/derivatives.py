@@ -30,6 +30,7 @@ class _WriterInput(BaseInterfaceInputSpec):
     noise_sd = traits.Float(mandatory=True)
     noise_correlation = traits.List(traits.Float, [0.0, 0.0, 0.0], usedefault=True)
     sigma_mm = traits.Float(mandatory=True)
+    guide_channels = traits.Int(mandatory=True)
     arrival_frame = traits.Int(mandatory=True)
     baseline_frames = traits.Int(mandatory=True)
     aif = traits.List(traits.Float, mandatory=True)
@@ -102,11 +103,14 @@ class WriteDerivatives(SimpleInterface):
             # size and weights count it
             "EstimatedNoiseCorrelation": [round(r, 3) for r in inp.noise_correlation],
             "SmoothingFilter": ("cross-bilateral with adaptive weights (propagation-separation), "
-                                "guided by each curve's components along a constant, the median "
-                                "bolus and that bolus delayed, in noise units"),
-            "SmoothingGuideChannels": preprocess.GUIDE_CHANNELS,
-            "SmoothingGuideBolusDelay": preprocess.GUIDE_DELAY_S,
-            "SmoothingGuideBolusDelayUnits": "s",
+                                "guided by each curve's components along " + (
+                                    "a constant, the median bolus and that bolus delayed"
+                                    if inp.guide_channels > 1 else
+                                    "a constant (no bolus stood out of the noise)")
+                                + ", in noise units"),
+            "SmoothingGuideChannels": inp.guide_channels,
+            **({"SmoothingGuideBolusDelay": preprocess.GUIDE_DELAY_S,
+                "SmoothingGuideBolusDelayUnits": "s"} if inp.guide_channels > 1 else {}),
             "SmoothingSigma": round(inp.sigma_mm, 3), "SmoothingSigmaUnits": "mm",
             "ValuesOutsideBrain": 0,
             # not BIDS "TimeZero" (a clock time in PET-BIDS): the origin of TTP and AIF times

@@ -178,6 +178,8 @@ class _SmoothOutput(TraitedSpec):
     out_file = File(exists=True)
     noise_sd = traits.Float(desc="estimated per-frame noise SD in soft tissue (HU)")
     sigma_mm = traits.Float(desc="spatial sigma used (mm)")
+    guide_channels = traits.Int(desc="channels of the smoothing guide (preprocess."
+                                "guide_channels): 1 when no bolus stands out of the noise")
 
 
 class SmoothCTP(SimpleInterface):
@@ -197,10 +199,13 @@ class SmoothCTP(SimpleInterface):
         sigma = (self.inputs.sigma_mm if isdefined(self.inputs.sigma_mm)
                  else preprocess.smoothing_sigma(noise, spacing, correlation))
         smoothed = images.create_like(self.inputs.in_file, "ctp_smooth.nii", data.shape)
-        times = self.inputs.frame_times if isdefined(self.inputs.frame_times) else None
+        times = (self.inputs.frame_times if isdefined(self.inputs.frame_times)
+                 else np.arange(data.shape[-1]))
+        channels = preprocess.guide_channels(preprocess.soft_tissue_curves(data), frame_sd, times)
         preprocess.cross_bilateral(data, spacing, sigma, noise, self.inputs.n_threads, frame_sd,
-                                   out=smoothed, correlation=correlation, times=times)
+                                   out=smoothed, correlation=correlation, channels=channels)
         smoothed.flush()
+        self._results["guide_channels"] = channels.shape[1]
         self._results["sigma_mm"] = sigma
         self._results["out_file"] = smoothed.filename
         self._results["noise_sd"] = noise

@@ -62,7 +62,7 @@ NOISE_SAMPLE_VOXELS = 50_000  # soft-tissue curves the noise and bolus medians l
 MIN_NOISE_CORRELATION = 0.05
 
 
-def _soft_tissue_curves(data: np.ndarray) -> np.ndarray:
+def soft_tissue_curves(data: np.ndarray) -> np.ndarray:
     """(n, T) curves of an even subsample of at most ~50 000 soft-tissue voxels.
 
     Random-free, and taken before copying any curve, so a whole-brain series is not
@@ -91,7 +91,7 @@ def _noise_sd(curves: np.ndarray, axis: int | None = None):
 
 def estimate_noise(data: np.ndarray) -> float:
     """Per-frame noise SD (HU) in soft tissue, robust to the bolus (``_noise_sd``)."""
-    return float(_noise_sd(_soft_tissue_curves(data)))
+    return float(_noise_sd(soft_tissue_curves(data)))
 
 
 def frame_noise(data: np.ndarray) -> tuple[float, np.ndarray]:
@@ -104,7 +104,7 @@ def frame_noise(data: np.ndarray) -> tuple[float, np.ndarray]:
     moving phantoms' ischemic core 1-3 points higher in CBF and CBV (CBF +8.0 -> +4.8 % over
     four motion paths) and nearly doubled the per-voxel CBF error in white matter.
     """
-    sample = _soft_tissue_curves(data)
+    sample = soft_tissue_curves(data)
     noise_sd = float(_noise_sd(sample))
     return noise_sd, noise_sd * relative_frame_noise(sample)
 
@@ -265,7 +265,7 @@ def neighbourhood(spacing, sigma_mm: float):
 def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
                     noise_sd: float | None = None, n_threads: int = 1,
                     frame_noise_sd=None, out: np.ndarray | None = None,
-                    correlation=(0.0, 0.0, 0.0), times=None) -> np.ndarray:
+                    correlation=(0.0, 0.0, 0.0), times=None, channels=None) -> np.ndarray:
     """Edge-preserving smoothing of a 4D series (x, y, z, t) guided by a few summaries of every
     voxel's curve (``guide_channels``; ``times``: frame times in s, default 1 s apart).
 
@@ -280,13 +280,14 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
     (``guide_channels``; separation: ADAPTIVE_LAMBDA's chi-square level for that many
     channels). The frames' noise is by default ``noise_sd`` x ``relative_frame_noise`` of
     ``data``; pass :func:`frame_noise` of the acquired series as ``frame_noise_sd`` for a
-    motion-corrected one.
+    motion-corrected one. ``channels``: the guide's frame weights (``guide_channels``),
+    computed here when not given.
     ``correlation``: the noise's neighbour correlations (``noise_correlation``); an estimate
     over a neighbourhood then keeps more of its noise than white noise would leave
     (``effective_voxels``), and the penalty counts that.
     """
     data = np.asarray(data, dtype=np.float32)
-    sample = _soft_tissue_curves(data)
+    sample = soft_tissue_curves(data)
     if noise_sd is None:
         noise_sd = float(_noise_sd(sample))  # estimate_noise(data), without sampling again
     if sigma_mm is None:
@@ -294,7 +295,8 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
     frame_sd = (noise_sd * relative_frame_noise(sample) if frame_noise_sd is None
                 else np.asarray(frame_noise_sd, float))
     n_frames = data.shape[-1]
-    channels = guide_channels(sample, frame_sd, np.arange(n_frames) if times is None else times)
+    if channels is None:
+        channels = guide_channels(sample, frame_sd, np.arange(n_frames) if times is None else times)
     # the time average as well, to find the air around the head
     weights = np.column_stack([np.full(n_frames, 1.0 / n_frames), channels]).astype(np.float32)
     # einsum: 8x faster than @ on the Fortran-ordered series nibabel loads
