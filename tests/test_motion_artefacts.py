@@ -86,11 +86,12 @@ def test_weights_keep_a_nonlinear_motion_artefact_out_of_the_fit(shape):
     """Cortex at a bone edge: after the jerk at frame 24 the edge's partial volume grows faster
     than the displacement (it crosses into the next slice at frame 40), so the linear regressor
     removes only part of it (here 40 % of the linear artefact, where ``artefact_weights``
-    expects 10 %). Weighting frames by their expected artefact fits the voxel mostly on the
+    expects 5 %). Weighting frames by their expected artefact fits the voxel mostly on the
     frames near its baseline position. Measured (CBF / MTT): regressor alone box
-    -2 / +597 %, exponential +100 / -74 %; with weights box +14 / -18 %, exponential +16 / -28 %
-    (+8 / -12 % and +6 / -17 % when the weights expected the whole linear artefact, which
-    overweighted such voxels' baseline frames on phantoms)."""
+    -2 / +597 %, exponential +100 / -74 %; with weights box +19 / -24 %, exponential +37 / -43 %
+    (Tmax 1.44 / 1.66 s for a true 1 s)
+    (+14 / -18 % and +16 / -28 % when they expected 10 %, +8 / -12 % and +6 / -17 % with the
+    whole linear artefact, which overweighted such voxels' baseline frames on phantoms)."""
     aif = arterial_input(TIMES)
     cbf, cbv = 60.0, 4.0
     tissue = tissue_enhancement(TIMES, cbf, cbv, 1.0, shape)
@@ -102,7 +103,7 @@ def test_weights_keep_a_nonlinear_motion_artefact_out_of_the_fit(shape):
     brain[1, 1, 1] = True
     weights = mo.artefact_weights(shift[None], mo.edge_strength(baseline, (1.0, 1.0, 1.0))[brain],
                                   noise_sd=1.0)
-    assert weights[0, 0] == 1.0 and weights[0, 30] < 0.03
+    assert weights[0, 0] == 1.0 and weights[0, 30] < 0.1
 
     def fitted(**kw):
         flow, delay, mtt = dc.fit_model(moved[None], TIMES, TIMES, aif, shape=shape, **kw)
@@ -111,8 +112,8 @@ def test_weights_keep_a_nonlinear_motion_artefact_out_of_the_fit(shape):
     cbf_err, mtt_err, _ = fitted(nuisance=shift[None])
     assert max(abs(cbf_err), abs(mtt_err)) > 0.7
     cbf_err, mtt_err, delay = fitted(nuisance=shift[None], weights=weights)
-    assert abs(cbf_err) < 0.20 and abs(mtt_err) < 0.35
-    assert delay == pytest.approx(1.0, abs=0.5)
+    assert abs(cbf_err) < 0.45 and abs(mtt_err) < 0.5
+    assert delay == pytest.approx(1.0, abs=0.7)
 
 
 def test_round_trip_blurs_an_edge_by_the_subvoxel_part_of_the_shift():
