@@ -53,9 +53,9 @@ MIN_AIF_PEAK_HU = 100.0  # weaker arterial enhancement makes every map noisy
 # of the scan) cannot lie below its baseline: flagged when they do by more than
 # MAX_TAIL_DEFICIT of the peak and TAIL_DEFICIT_Z standard errors. Independent phantom, 1 mm /
 # 1 deg jerk after the bolus (5 mm slices): the 6 AIF voxels lost 10-20 HU from the jerk on
-# (late mean -2.3 % of the peak, z -8; true tail +1 %), the residue family came out
-# exponential and every CBF +44...+51 %. The 87 series of our phantom sets: -0.5 % at the
-# lowest (z -0.5).
+# (late mean -2.3 % of the peak, 3.6 standard errors; true tail +1 %), the residue family
+# came out exponential and every CBF +44...+51 %. The 87 series of our phantom sets: at most
+# 0.3 % below (1.6 standard errors).
 AIF_TAIL_FRACTION = 0.3
 MAX_TAIL_DEFICIT = 0.01
 TAIL_DEFICIT_Z = 3.0
