@@ -287,7 +287,10 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
     (``effective_voxels``), and the penalty counts that.
     """
     data = np.asarray(data, dtype=np.float32)
-    sample = soft_tissue_curves(data)
+    # the soft-tissue sample only when something below is to be estimated from it (SmoothCTP
+    # passes noise, frame noise and channels, having sampled once itself)
+    needs_sample = noise_sd is None or frame_noise_sd is None or channels is None
+    sample = soft_tissue_curves(data) if needs_sample else None
     if noise_sd is None:
         noise_sd = float(_noise_sd(sample))  # estimate_noise(data), without sampling again
     if sigma_mm is None:
