@@ -433,6 +433,37 @@ def test_cross_bilateral_keeps_curve_shape():
     np.testing.assert_allclose(out[3:9].mean(axis=(0, 1, 2)), truth[5, 5, 0], atol=1.0)
 
 
+@pytest.mark.parametrize("n_values", [1, 3, 20])
+def test_adaptive_average_both_paths_follow_the_definition(n_values, monkeypatch):
+    """The offset path (few images) and the tile path (series) compute the same weighted mean:
+    weight = spatial Gaussian x exp(-penalty_i |estimate_j - estimate_i|^2), edge values beyond
+    the grid. Checked against the definition on anisotropic voxels (the kernel spans 5 slices,
+    and x and y cannot be swapped unnoticed), partial tiles at the edges and voxel-dependent
+    penalties."""
+    rng = np.random.default_rng(3)
+    shape, spacing, sigma = (13, 11, 5), (0.8, 1.1, 1.5), 1.6
+    estimate = rng.normal(0.0, 1.0, shape + (3,)).astype(np.float32)
+    values = rng.normal(0.0, 10.0, shape + (n_values,)).astype(np.float32)
+    penalty = rng.uniform(0.1, 2.0, shape).astype(np.float32)
+    offsets, spatial = pp.neighbourhood(spacing, sigma)
+    assert np.abs(offsets[:, 2]).max() == 2
+    radius = np.abs(offsets).max(axis=0)
+    pad = [(r, r) for r in radius]
+    est_p = np.pad(estimate, pad + [(0, 0)], mode="edge")
+    val_p = np.pad(values, pad + [(0, 0)], mode="edge")
+    num, den = np.zeros(values.shape), np.zeros(shape)
+    for (ox, oy, oz), ws in zip(offsets, spatial):
+        sl = tuple(slice(r + o, r + o + n) for r, o, n in zip(radius, (ox, oy, oz), shape))
+        w = ws * np.exp(-penalty * ((est_p[sl] - estimate) ** 2).sum(axis=-1))
+        num += w[..., None] * val_p[sl]
+        den += w
+    for guide_channels in (pp.GUIDE_CHANNELS, 0):  # the offset path for n <= 3, then tiles
+        monkeypatch.setattr(pp, "GUIDE_CHANNELS", guide_channels)
+        out, wsum = pp._adaptive_average(values, estimate, penalty, spacing, sigma, n_threads=2)
+        np.testing.assert_allclose(wsum, den, rtol=1e-5)
+        np.testing.assert_allclose(out, num / den[..., None], atol=1e-4)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cross_bilateral_keeps_core_apart_from_penumbra(seed):
     """Same baseline, bolus 4 vs 10 HU (like ischemic core next to penumbra): the plain time
