@@ -464,6 +464,28 @@ def test_adaptive_average_both_paths_follow_the_definition(n_values, monkeypatch
         np.testing.assert_allclose(out, num / den[..., None], atol=1e-4)
 
 
+def test_series_pass_leaves_tiles_of_air_alone():
+    """The series pass skips tiles that are nothing but air (``unsmoothed``): they keep their
+    values, and every other voxel gets exactly the average it gets without the skip."""
+    rng = np.random.default_rng(4)
+    shape, spacing = (20, 20, 4), (1.0, 1.0, 2.0)
+    estimate = rng.normal(0.0, 1.0, shape + (3,)).astype(np.float32)
+    values = rng.normal(0.0, 10.0, shape + (20,)).astype(np.float32)
+    penalty = np.full(shape, 0.5, np.float32)
+    air = np.zeros(shape, bool)
+    air[:8, :8, :2] = True  # one whole tile
+    air[8:12, :, :] = True  # half tiles: averaged as before
+    plain, _ = pp._adaptive_average(values, estimate, penalty, spacing, 2.0, n_threads=1)
+    skipped, wsum = pp._adaptive_average(values, estimate, penalty, spacing, 2.0, n_threads=1,
+                                         unsmoothed=air)
+    tile = np.zeros(shape, bool)
+    tile[:8, :8, :2] = True
+    np.testing.assert_array_equal(skipped[tile], values[tile])
+    np.testing.assert_array_equal(wsum[tile], 1.0)
+    np.testing.assert_array_equal(skipped[~tile], plain[~tile])
+    assert np.abs(plain[tile] - values[tile]).mean() > 1.0  # without the skip, averaged
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cross_bilateral_keeps_core_apart_from_penumbra(seed):
     """Same baseline, bolus 4 vs 10 HU (like ischemic core next to penumbra): the plain time

@@ -308,8 +308,10 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
         out = data.copy()
     else:
         out[...] = data
-    # Air around the head needs no smoothing: work inside the head's bounding box only.
-    head = np.argwhere((guide[..., 0] > AIR_HU).any(axis=2))
+    # Air needs no smoothing: work inside the head's bounding box only, and there the series
+    # pass skips tiles of nothing but air (half the box of a whole-brain scan)
+    air = ~(guide[..., 0] > AIR_HU)
+    head = np.argwhere(~air.all(axis=2))
     if head.size == 0:
         return out
     box = tuple(slice(lo, hi + 1) for lo, hi in zip(head.min(axis=0), head.max(axis=0)))
@@ -324,7 +326,8 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
         excess = (1.0 if not any(correlation) else
                   effective_voxels(spacing, sigma) / effective_voxels(spacing, sigma, correlation))
         penalty = (wsum / np.float32(separation * excess)).astype(np.float32)
-    _adaptive_average(data[box], estimate, penalty, spacing, sigma_mm, n_threads, out=out[box])
+    _adaptive_average(data[box], estimate, penalty, spacing, sigma_mm, n_threads, out=out[box],
+                      unsmoothed=air[box])
     return out
 
 
@@ -338,9 +341,11 @@ def _growing_sigmas(pixel_mm: float, sigma_mm: float) -> list[float]:
 
 
 def _adaptive_average(values: np.ndarray, estimate: np.ndarray, penalty: np.ndarray, spacing,
-                      sigma_mm: float, n_threads: int, out: np.ndarray | None = None):
+                      sigma_mm: float, n_threads: int, out: np.ndarray | None = None,
+                      unsmoothed: np.ndarray | None = None):
     """Weighted neighbourhood mean of ``values`` (x, y, z, t) (into ``out`` if given: no
-    second copy of a 4D series), and the weight sums.
+    second copy of a 4D series), and the weight sums. ``unsmoothed``: optional boolean image of
+    voxels that need no average (air); tiles of nothing else keep their values (weight sum 1).
 
     Weight of neighbour j at voxel i: spatial Gaussian(sigma_mm) x
     exp(-penalty_i (estimate_j - estimate_i)²). Slab-wise along z in threads, each slab in
@@ -394,6 +399,12 @@ def _adaptive_average(values: np.ndarray, estimate: np.ndarray, penalty: np.ndar
         for x0 in range(0, acc.shape[0], tx):
             for y0 in range(0, acc.shape[1], ty):
                 curves = d[x0:x0 + box[0], y0:y0 + box[1]].reshape(-1, n_frames)
+                if unsmoothed is not None and unsmoothed[x0:x0 + tx, y0:y0 + ty, z0:z1].all():
+                    acc[x0:x0 + tx, y0:y0 + ty] = d[x0 + radius[0]:x0 + radius[0] + tx,
+                                                    y0 + radius[1]:y0 + radius[1] + ty,
+                                                    halo:halo + tz]
+                    wsum[x0:x0 + tx, y0:y0 + ty] = 1.0
+                    continue
                 centre_pen = penalty[x0:x0 + tx, y0:y0 + ty, z0:z1]
                 if centre_pen.shape != (tx, ty, tz):  # beyond the grid: edge values
                     centre_pen = np.pad(centre_pen, [(0, tx - centre_pen.shape[0]),
