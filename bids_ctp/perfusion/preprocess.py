@@ -398,13 +398,13 @@ def _adaptive_average(values: np.ndarray, estimate: np.ndarray, penalty: np.ndar
         wsum = np.empty(acc.shape[:3], np.float32)
         for x0 in range(0, acc.shape[0], tx):
             for y0 in range(0, acc.shape[1], ty):
-                curves = d[x0:x0 + box[0], y0:y0 + box[1]].reshape(-1, n_frames)
                 if unsmoothed is not None and unsmoothed[x0:x0 + tx, y0:y0 + ty, z0:z1].all():
                     acc[x0:x0 + tx, y0:y0 + ty] = d[x0 + radius[0]:x0 + radius[0] + tx,
                                                     y0 + radius[1]:y0 + radius[1] + ty,
                                                     halo:halo + tz]
                     wsum[x0:x0 + tx, y0:y0 + ty] = 1.0
                     continue
+                curves = d[x0:x0 + box[0], y0:y0 + box[1]].reshape(-1, n_frames)
                 centre_pen = penalty[x0:x0 + tx, y0:y0 + ty, z0:z1]
                 if centre_pen.shape != (tx, ty, tz):  # beyond the grid: edge values
                     centre_pen = np.pad(centre_pen, [(0, tx - centre_pen.shape[0]),
