@@ -216,8 +216,8 @@ def test_motion_is_measured_flagged_and_corrected(moving_phantom, tmp_path):
 
     # measured (GM / WM / penumbra, truth volume-weighted): CBV -14 / +3 / 0 %, CBF -7 / +2 / -1 %,
     # MTT -7 / +2 / +1 % (the same within 0.3 points with frame weights expecting 0.05 of the
-    # linear motion artefact instead of 0.1). GM CBV was -7 % (CBF -13, MTT +5 %) with a smoothing guide of one
-    # channel, likely because the bolus channels no longer average the GM voxels whose
+    # linear motion artefact instead of 0.1). GM CBV was -7 % (CBF -13, MTT +5 %) with a
+    # smoothing guide of one channel, likely because the bolus channels no longer average the GM voxels whose
     # enhancement the resampling lowered with the ribbon's interior. Before that: CBV -7 / +2 / 0 %, CBF -11 / 0 / -1 %,
     # MTT +5 / +2 / +2 % (the same, within a point, with the motion artefact's edges taken on
     # the brain-only baseline instead of the whole head; CBF -11 / 0 / -2, MTT +3 / +2 / +2 % with sigma 4.5 instead of 5.1 mm, before

@@ -472,14 +472,14 @@ def test_series_pass_leaves_tiles_of_air_alone():
     estimate = rng.normal(0.0, 1.0, shape + (3,)).astype(np.float32)
     values = rng.normal(0.0, 10.0, shape + (20,)).astype(np.float32)
     penalty = np.full(shape, 0.5, np.float32)
-    air = np.zeros(shape, bool)
-    air[:8, :8, :2] = True  # one whole tile
-    air[8:12, :, :] = True  # half tiles: averaged as before
+    tx, ty, tz = pp.TILE
+    tile = np.zeros(shape, bool)
+    tile[:tx, :ty, :tz] = True  # one whole tile of air
+    air = tile.copy()
+    air[tx:tx + ty // 2, :, :] = True  # and parts of tiles: averaged as before
     plain, _ = pp._adaptive_average(values, estimate, penalty, spacing, 2.0, n_threads=1)
     skipped, wsum = pp._adaptive_average(values, estimate, penalty, spacing, 2.0, n_threads=1,
                                          unsmoothed=air)
-    tile = np.zeros(shape, bool)
-    tile[:8, :8, :2] = True
     np.testing.assert_array_equal(skipped[tile], values[tile])
     np.testing.assert_array_equal(wsum[tile], 1.0)
     np.testing.assert_array_equal(skipped[~tile], plain[~tile])

@@ -310,8 +310,8 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
         out[...] = data
     # Air needs no smoothing: work inside the head's bounding box only, and there the series
     # pass skips tiles of nothing but air (half the box of a whole-brain scan)
-    air = ~(guide[..., 0] > AIR_HU)
-    head = np.argwhere(~air.all(axis=2))
+    not_air = guide[..., 0] > AIR_HU
+    head = np.argwhere(not_air.any(axis=2))
     if head.size == 0:
         return out
     box = tuple(slice(lo, hi + 1) for lo, hi in zip(head.min(axis=0), head.max(axis=0)))
@@ -327,7 +327,7 @@ def cross_bilateral(data: np.ndarray, spacing, sigma_mm: float | None = None,
                   effective_voxels(spacing, sigma) / effective_voxels(spacing, sigma, correlation))
         penalty = (wsum / np.float32(separation * excess)).astype(np.float32)
     _adaptive_average(data[box], estimate, penalty, spacing, sigma_mm, n_threads, out=out[box],
-                      unsmoothed=air[box])
+                      unsmoothed=~not_air[box])
     return out
 
 
