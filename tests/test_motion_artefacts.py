@@ -53,7 +53,8 @@ def test_model_fit_with_motion_regressor_recovers_flow_and_mtt():
     truth_flow, truth_mtt, *_ = dc.fit_model(tissue[None], TIMES, TIMES, aif)
     plain_flow, plain_mtt, *_ = dc.fit_model(moved[None], TIMES, TIMES, aif)
     flow, delay, fit_mtt = dc.fit_model(moved[None], TIMES, TIMES, aif, nuisance=shift[None])
-    assert abs(plain_flow[0] * plain_mtt[0] / (truth_flow[0] * truth_mtt[0]) - 1) > 0.5
+    # without the regressor CBV is 45 % off (the fitted baseline level takes a little of it)
+    assert abs(plain_flow[0] * plain_mtt[0] / (truth_flow[0] * truth_mtt[0]) - 1) > 0.4
     assert flow[0] == pytest.approx(truth_flow[0], rel=0.03)
     assert fit_mtt[0] == pytest.approx(mtt, rel=0.05)
     assert delay[0] == pytest.approx(1.0, abs=0.25)
@@ -88,8 +89,9 @@ def test_weights_keep_a_nonlinear_motion_artefact_out_of_the_fit(shape):
     removes only part of it (here 40 % of the linear artefact, where ``artefact_weights``
     expects 5 %). Weighting frames by their expected artefact fits the voxel mostly on the
     frames near its baseline position. Measured (CBF / MTT): regressor alone box
-    -2 / +597 %, exponential +100 / -74 %; with weights box +19 / -24 %, exponential +37 / -43 %
-    (Tmax 1.44 / 1.66 s for a true 1 s)
+    +9 / +597 %, exponential +60 / -74 %; with weights box +17 / -21 %, exponential +39 / -45 %
+    (Tmax 1.39 / 1.71 s for a true 1 s; before the baseline level was fitted, +19 / -24 % and
+    +37 / -43 %, 1.44 / 1.66 s)
     (+14 / -18 % and +16 / -28 % when they expected 10 %, +8 / -12 % and +6 / -17 % with the
     whole linear artefact, which overweighted such voxels' baseline frames on phantoms)."""
     aif = arterial_input(TIMES)
@@ -113,7 +115,7 @@ def test_weights_keep_a_nonlinear_motion_artefact_out_of_the_fit(shape):
     assert max(abs(cbf_err), abs(mtt_err)) > 0.7
     cbf_err, mtt_err, delay = fitted(nuisance=shift[None], weights=weights)
     assert abs(cbf_err) < 0.45 and abs(mtt_err) < 0.5
-    assert delay == pytest.approx(1.0, abs=0.7)
+    assert delay == pytest.approx(1.0, abs=0.75)
 
 
 def test_round_trip_blurs_an_edge_by_the_subvoxel_part_of_the_shift():

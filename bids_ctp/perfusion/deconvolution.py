@@ -19,7 +19,8 @@ Methods (all vectorised: one pseudo-inverse per AIF, matrix products per chunk o
   search: every (δ, MTT) pair on a grid gives one model curve; the best amplitude per voxel and
   pair is a dot product, so the whole search is one matrix product per chunk of voxels,
   followed by a finer local grid and a joint quadratic refinement of δ and log MTT (see
-  ``fit_model``). Works directly on the acquired (possibly non-uniform) frame times.
+  ``fit_model``). Each voxel's baseline level is one more unknown of the fit. Works directly
+  on the acquired (possibly non-uniform) frame times.
 - ``csvd``: block-circulant SVD (Wu 2003): AIF and tissue are zero-padded to twice the length and
   the convolution is circular, so a delay shifts k without changing its height. Negative delays
   (tissue before the AIF) wrap to the end and are reported as negative Tmax.
@@ -312,7 +313,7 @@ def _model_basis(times, aif_times, aif, delays, mtts, shape):
 
 def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS,
                          mtts=FIT_MTTS, nuisance=None, weights=None,
-                         noise_floor: float = 0.0) -> tuple[str, dict]:
+                         noise_floor: float = 0.0, baseline_offset=True) -> tuple[str, dict]:
     """The residue family that explains the scan's tissue curves best, with each one's score:
     the mean over the tissue curves of its log-likelihood relative to the curve's best family
     (<= 0; the chosen family's is the largest). How far the runner-up trails is no measure of
@@ -332,8 +333,8 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     noise-free box-residue phantom sampled every 2 s for the linear family (CBF +50 %).
     ``noise_floor``: a per-frame variance (HU²) added to every residual, the part no family
     can explain (``rounding_floor``). ``nuisance``, ``weights``: the per-voxel motion
-    regressors and frame weights of :func:`fit_model`. Vessel curves are left out so they do
-    not dominate.
+    regressors and frame weights, and ``baseline_offset``, of :func:`fit_model`. Vessel curves
+    are left out so they do not dominate.
     """
     tissue = np.asarray(tissue, dtype=np.float32)
     keep = tissue.max(axis=1) < VESSEL_FRACTION * float(np.max(aif))
@@ -346,9 +347,10 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
         weights = np.asarray(weights, dtype=np.float32)[sample]
     if nuisance is not None:
         nuisance = np.asarray(nuisance)[sample]
-    # what the regressors alone explain is no family's residual
-    residual = (tissue if nuisance is None
-                else _without_regressor(tissue, _orthonormal(nuisance, weights), weights))
+    # what the regressors (and the baseline offset) alone explain is no family's residual
+    residual, regressors = _fit_inputs(tissue, nuisance, weights, baseline_offset)
+    if regressors is not None:
+        residual = _without_regressor(residual, regressors, weights)
     total = np.einsum("ij,ij->i", residual if weights is None else weights * residual, residual)
     # frames a voxel weighs less carry less of its evidence
     n_frames = (np.full(len(tissue), float(tissue.shape[1])) if weights is None
@@ -357,7 +359,8 @@ def select_residue_shape(tissue: np.ndarray, times, aif_times, aif, delays=FIT_D
     for shape in RESIDUE_SHAPES:
         explained = np.empty(len(tissue), dtype=np.float32)
         fit_model(tissue, times, aif_times, aif, delays, mtts, shape, nuisance, weights,
-                  explained_out=explained, delay_split=SHAPE_SELECTION_DELAY_SPLIT)
+                  explained_out=explained, delay_split=SHAPE_SELECTION_DELAY_SPLIT,
+                  baseline_offset=baseline_offset)
         rss.append(np.maximum(total - explained, 1e-6 * np.maximum(total, 1e-12)))
     rss = np.stack(rss, axis=1) + (n_frames * noise_floor)[:, None]
     best = rss.min(axis=1)
@@ -412,6 +415,24 @@ def _without_regressor(curves, regressors, weights=None):
     return out
 
 
+def _fit_inputs(curves, nuisance, weights, baseline_offset):
+    """Curves and orthonormal nuisance regressors (or None) of some voxels for the least
+    squares. With ``baseline_offset``, each voxel's baseline level is one more unknown:
+    unweighted, by centring curves and regressors (the caller centres the model basis once);
+    weighted, as a regressor of ones."""
+    if baseline_offset and weights is None:
+        curves = curves - curves.mean(axis=1, keepdims=True)
+        if nuisance is not None:
+            nuisance = np.asarray(nuisance, np.float32)
+            nuisance = nuisance - nuisance.mean(axis=-1, keepdims=True)
+    elif baseline_offset:
+        ones = np.ones((len(curves), 1, curves.shape[1]), np.float32)
+        nuisance = ones if nuisance is None else np.concatenate(
+            [ones, np.asarray(nuisance, np.float32).reshape(len(curves), -1, curves.shape[1])],
+            axis=1)
+    return curves, (None if nuisance is None else _orthonormal(nuisance, weights))
+
+
 def _explained(tissue, basis, norm2, nuisance=None, weights=None):
     """Per voxel and model curve: sum of squares the model explains, and its amplitude.
 
@@ -464,7 +485,7 @@ def _vertex_2d(score, i, j, max_step=0.5):
 
 def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts=FIT_MTTS,
               shape="exponential", nuisance=None, weights=None, explained_out=None,
-              delay_split=BASIS_DELAY_SPLIT):
+              delay_split=BASIS_DELAY_SPLIT, baseline_offset=True):
     """Least-squares fit of the delayed model (residue family ``shape``) to every tissue curve.
 
     Coarse-to-fine grid search: the best (delay, MTT) pair of the coarse grid (``delays``
@@ -484,6 +505,12 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     ``weights``: optional (voxels, frames) weights of a weighted least-squares fit
     (``motion.artefact_weights``). ``explained_out``: optional float32 array (voxels,) that
     receives the sum of squares the best curve of each voxel's local grid explains.
+    ``baseline_offset``: fit a constant per voxel too, the error of the subtracted baseline.
+    That baseline is the mean of the few frames before the AIF's arrival, and its noise shifts
+    the whole curve, which the model reads as a tail (MTT and CBV of late, long, low curves
+    such as the ischemic core's). Fitted jointly, the level is set by every frame before the
+    voxel's own bolus and by the tail the model expects: noisy phantom curves with 0.5 HU per
+    frame, CBV spread 15 -> 11 % (core, MTT 9 s, 4 s late), 4.0 -> 2.7 % (grey matter).
     Returns ``flow`` (k_max, 1/s), ``delay`` (s; the Tmax, as every family's residue is
     largest at τ = 0) and ``mtt`` (s).
     """
@@ -495,11 +522,14 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
                                     shape)
     fine = fine.reshape(len(fine_delays), len(fine_log_mtts), -1)
     fine_norm2 = fine_norm2.reshape(fine.shape[:2])
+    slope = _valley_slope(fine, fine_delays, np.exp(fine_log_mtts))
+    if baseline_offset and weights is None:  # without the offset's part (_fit_inputs)
+        fine -= fine.mean(axis=-1, keepdims=True)
+        fine_norm2 = np.maximum((fine * fine).sum(axis=-1), 1e-12)
     # the coarse grid is a subset of the fine one
     coarse = (slice(None, None, delay_split), slice(None, None, LOCAL_SPLIT[1]))
     basis = np.ascontiguousarray(fine[coarse]).reshape(nd * nm, -1)
     norm2 = fine_norm2[coarse].ravel()
-    slope = _valley_slope(fine, fine_delays, np.exp(fine_log_mtts))
     centroid_step = (delays[1] - delays[0]) / LOCAL_SPLIT[0]
     log_mtt_step = fine_log_mtts[1] - fine_log_mtts[0]
     delay_step = fine_delays[1] - fine_delays[0]
@@ -525,11 +555,12 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float32)
 
-    def regressors_of(rows):
-        """The rows' nuisance regressors (orthonormal) and weights; per chunk, so a whole-brain
-        series' regressors are never copied whole."""
+    def inputs_of(rows):
+        """The rows' curves, nuisance regressors and weights (``_fit_inputs``); per chunk, so a
+        whole-brain series' curves and regressors are never copied whole."""
         w = None if weights is None else weights[rows]
-        return None if nuisance is None else _orthonormal(nuisance[rows], w), w
+        return (*_fit_inputs(tissue[rows], None if nuisance is None else nuisance[rows], w,
+                             baseline_offset), w)
 
     flow = np.empty(len(tissue), dtype=np.float32)
     delay = np.empty(len(tissue), dtype=np.float32)
@@ -540,7 +571,8 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     chunk_size = max(1, CHUNK_VOXELS // 16)
     for start in range(0, len(tissue), chunk_size):
         sl = slice(start, start + chunk_size)
-        score, _ = _explained(tissue[sl], basis, norm2, *regressors_of(sl))
+        curves, q, w = inputs_of(sl)
+        score, _ = _explained(curves, basis, norm2, q, w)
         best[sl] = np.argmax(score, axis=1)
     # voxels with the same coarse optimum share their local grid: one matrix product each
     order = np.argsort(best, kind="stable")
@@ -548,8 +580,8 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
         local_basis, local_norm2, c, local_mtt, kappa = local_grid(*divmod(int(best[group[0]]), nm))
         for start in range(0, len(group), chunk_size):
             rows = group[start : start + chunk_size]
-            local_score, local_amp = _explained(tissue[rows], local_basis, local_norm2,
-                                                *regressors_of(rows))
+            curves, q, w = inputs_of(rows)
+            local_score, local_amp = _explained(curves, local_basis, local_norm2, q, w)
             a, b = np.divmod(np.argmax(local_score, axis=1), len(reach_m))
             if explained_out is not None:
                 explained_out[rows] = local_score.max(axis=1)
