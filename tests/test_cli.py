@@ -301,7 +301,7 @@ def test_workflow_threads_and_slurm_node_args(ds, tmp_path):
     wf = init_bids_ctp_wf(inputs, tmp_path / "out", tmp_path / "w", options=args)
     nodes = {n.name: n for n in wf._get_all_nodes()}
     assert nodes["smooth"].n_procs == 3 and nodes["smooth"].inputs.n_threads == 3
-    assert nodes["curves"].n_procs == 3 and nodes["curves"].inputs.n_threads == 3
+    assert nodes["curves"].n_procs == 1 and not nodes["curves"].plugin_args  # single-threaded
     assert nodes["motion"].plugin_args == {"sbatch_args": "--cpus-per-task=3", "overwrite": False}
     assert wf.config["execution"]["poll_sleep_duration"] == 0.5
     args.plugin, args.omp_nthreads = None, None

@@ -254,7 +254,6 @@ class _CurvesInput(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="smoothed 4D CTP")
     mask = File(exists=True, mandatory=True)
     frame_times = traits.List(traits.Float, mandatory=True)
-    n_threads = traits.Int(1, usedefault=True, desc="threads of the baseline's denoising")
     motion_parameters = traits.List(traits.List(traits.Float),
                                     desc="per frame rigid motion (rad, mm): voxels that head "
                                          "motion can fill with bone do not time the bolus")
@@ -290,10 +289,8 @@ class EnhancementCurves(SimpleInterface):
                 tissue, np.argwhere(brain), spacing, self.inputs.motion_parameters, edge)
         arrival = curves.bolus_arrival_frame(tissue, self.inputs.source, eligible=timing)
         n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
-        base = preprocess.denoise_baseline(
-            curves.baseline(data, n_baseline, self.inputs.source),
-            spacing, preprocess.estimate_noise(data), n_baseline,
-            self.inputs.n_threads)[brain]
+        # what noise this baseline still has, the model fit takes as an unknown (Deconvolve)
+        base = curves.baseline(data, n_baseline, self.inputs.source)[brain]
         enhancement = tissue - base[:, None]
         ttp = curves.time_to_peak(times, enhancement)
         self._results["qc_flags"] = (

@@ -33,11 +33,6 @@ SIGMA_RANGE_MM = (1.0, 4.5)  # spatial Gaussian sigma bounds; neighbourhood trun
 MAX_NOISE_HU = 0.6
 SIGMA_LIMIT_MM = 10.0
 SOFT_TISSUE_HU = (-50.0, 150.0)  # voxels used to estimate the noise
-# The baseline image's own denoising: spatial sigma up to 2 mm, less where fewer mm reach
-# BASELINE_NOISE_HU (thin slices: 2 mm at 0.45 x 0.45 x 0.5 mm averages 2633 voxels, and took 10
-# of a whole-brain scan's minutes; 1 x 1 x 5 mm voxels at 10 HU reach 0.6 HU at 2 mm, unchanged)
-BASELINE_SIGMA_MM = 2.0
-BASELINE_NOISE_HU = 0.25
 AIR_HU = -500.0  # time-averaged voxels below this are air, left unsmoothed
 # Separation: with one guide channel, estimates 3 of their SDs apart weigh 1/e. 9 rather than 6
 # (2.4 SDs): with a time-average guide partly matched to the bolus, the worst regional error fell
@@ -494,21 +489,3 @@ def _offset_average(values, estimate, penalty, offsets, spatial_w, n_threads, ou
     with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
         list(pool.map(run, range(0, nz, slab)))
     return out, wsum_out
-
-
-def denoise_baseline(baseline: np.ndarray, spacing, series_noise_sd: float, n_frames: int,
-                     n_threads: int = 1) -> np.ndarray:
-    """Edge-preserving denoising of the per-voxel baseline (mean of ``n_frames`` frames).
-
-    The baseline is subtracted from every frame, so its noise (``series_noise_sd`` /
-    sqrt(n_frames)) becomes a constant offset on the whole enhancement curve; a positive one
-    looks like a slow tail. At 2 s sampling (4 baseline frames) that offset made box-residue
-    tissue look exponential to the residue-family choice under 1 mm head motion. The baseline
-    is a still image, so it can be averaged over its neighbourhood (guided by itself, so tissue
-    boundaries stay) without touching the curves' time course.
-    """
-    noise = series_noise_sd / np.sqrt(max(1, int(n_frames)))
-    sigma = _sigma_reaching((noise / BASELINE_NOISE_HU) ** 2, spacing,
-                            min(SIGMA_RANGE_MM[0], BASELINE_SIGMA_MM), BASELINE_SIGMA_MM)
-    return cross_bilateral(np.asarray(baseline, np.float32)[..., None], spacing, sigma, noise,
-                           n_threads)[..., 0]

@@ -65,10 +65,9 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
     brain = pe.Node(BrainMask(source=source), name="brain_mask")
     if ctp_input.brain_mask is not None:
         brain.inputs.user_mask = os.fspath(ctp_input.brain_mask)
-    enhancement = pe.Node(EnhancementCurves(frame_times=times, source=source, n_threads=threads),
-                          name="curves", n_procs=threads)
+    enhancement = pe.Node(EnhancementCurves(frame_times=times, source=source), name="curves")
     if getattr(options, "plugin", None) in ("SLURM", "SLURMGraph") and threads > 1:
-        for node in (moco, smooth, enhancement):  # appended to the run's sbatch_args
+        for node in (moco, smooth):  # appended to the run's sbatch_args
             node.plugin_args = {"sbatch_args": f"--cpus-per-task={threads}", "overwrite": False}
     aif = pe.Node(SelectVessels(frame_times=times, source=source,
                                 vof_scaling=getattr(options, "vof_scaling", True)), name="aif")
