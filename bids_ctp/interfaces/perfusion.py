@@ -279,9 +279,9 @@ class EnhancementCurves(SimpleInterface):
         times = np.asarray(self.inputs.frame_times) - self.inputs.frame_times[0]
         tissue = data[brain]
         aif_stage.check_first_frame(times, tissue, self.inputs.source)
-        spacing = images.spacing(self.inputs.in_file)
         timing = None  # a still head: every voxel may time the bolus
         if isdefined(self.inputs.motion_parameters) and np.any(self.inputs.motion_parameters):
+            spacing = images.spacing(self.inputs.in_file)
             # the baseline is not known yet; the first frames are unenhanced in any case
             edge = motion.edge_strength(data[..., :curves.MIN_BASELINE_FRAMES].mean(axis=-1),
                                         spacing)
@@ -289,8 +289,8 @@ class EnhancementCurves(SimpleInterface):
                 tissue, np.argwhere(brain), spacing, self.inputs.motion_parameters, edge)
         arrival = curves.bolus_arrival_frame(tissue, self.inputs.source, eligible=timing)
         n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
-        # what noise this baseline still has, the model fit takes as an unknown (Deconvolve)
-        base = curves.baseline(data, n_baseline, self.inputs.source)[brain]
+        # brain voxels only; what noise it still has, the nlr fit takes as an unknown
+        base = curves.baseline(tissue, n_baseline, self.inputs.source)
         enhancement = tissue - base[:, None]
         ttp = curves.time_to_peak(times, enhancement)
         self._results["qc_flags"] = (
