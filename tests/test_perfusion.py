@@ -54,6 +54,20 @@ def test_bolus_arrival_frame_follows_the_earliest_strongest_voxels():
     assert cv.bolus_arrival_frame(curves) == 7
 
 
+def test_bolus_arrival_frame_is_timed_by_the_arteries_not_a_brighter_larger_sinus():
+    """A venous sinus peaks higher than partial-volumed arteries (0.6 of the AIF here) and has
+    4x their voxels, 5 s later: the reference is the earliest vessels, not the strongest."""
+    rng = np.random.default_rng(3)
+    t = np.arange(40.0)
+    artery = 400.0 * gamma_variate(t, 6.0, 2.0, 1.5)  # arrival frame 7
+    vein = 1.1 * np.interp(t - 5.0, t, artery, left=0.0)
+    tissue = 30.0 * gamma_variate(t, 8.0, 3.0, 2.0)
+    curves = 35.0 + np.vstack([np.tile(tissue, (9500, 1)), np.tile(0.6 * artery, (100, 1)),
+                               np.tile(vein, (400, 1))])
+    curves += rng.normal(0.0, 1.0, curves.shape)
+    assert cv.bolus_arrival_frame(curves, times=t) == 7
+
+
 def test_bolus_arrival_frame_is_not_timed_by_bone_moving_in():
     """After a head jerk in frame 3, bone (hundreds of HU, brighter than any vessel) stays in a
     few edge voxels; a vessel comes back down, so the arrival is still the artery's (frame 7).

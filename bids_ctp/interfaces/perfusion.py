@@ -287,7 +287,8 @@ class EnhancementCurves(SimpleInterface):
                                         spacing)
             timing = aif_stage.arrival_reference_voxels(
                 tissue, np.argwhere(brain), spacing, self.inputs.motion_parameters, edge)
-        arrival = curves.bolus_arrival_frame(tissue, self.inputs.source, eligible=timing)
+        arrival = curves.bolus_arrival_frame(tissue, self.inputs.source, eligible=timing,
+                                             times=times)
         n_baseline = curves.baseline_frame_count(times, arrival, self.inputs.source)
         # brain voxels only; what noise it still has, the nlr fit takes as an unknown
         base = curves.baseline(tissue, n_baseline, self.inputs.source)

@@ -19,6 +19,11 @@ ARTERIAL_REFERENCE_FRACTION = 0.005
 MIN_BASELINE_FRAMES = 2
 BASELINE_MARGIN_S = 2.0  # frames this close before arrival are left out of the baseline
 RETURN_FRACTION = 0.5  # vessel curves end below this fraction of their peak
+# Vessels for the arterial reference: voxels rising this fraction of the strongest ones'
+# rise, peaking within the window of the earliest (this percentile) of them (_earliest_vessels)
+VESSEL_RISE_FRACTION = 0.3
+EARLIEST_PERCENTILE = 5
+EARLY_VESSEL_WINDOW_S = 3.0
 MIN_BOLUS_HU = 20.0  # arterial reference enhancing less than this: no usable bolus
 # A skull-less series whose strongest enhancement lies outside what contrast gives a CT artery
 # is not in HU (e.g. a DSC test object in concentration units): it is scaled to this peak.
@@ -83,14 +88,16 @@ def intensity_scale(data: np.ndarray, noise_sd: float) -> float:
     return NOMINAL_PEAK_HU / peak
 
 
-def bolus_arrival_frame(curves: np.ndarray, source: str = "image", eligible=None) -> int:
+def bolus_arrival_frame(curves: np.ndarray, source: str = "image", eligible=None,
+                        times=None) -> int:
     """Index of the first frame showing the bolus in the earliest, strongest-enhancing voxels.
 
     ``curves`` has shape (n_voxels, n_frames) in HU. The arterial reference is the mean curve of
-    the top ``ARTERIAL_REFERENCE_FRACTION`` voxels by peak enhancement over frame 0, which are
-    large vessels; tissue enhances later, so frames before this index are unenhanced everywhere.
-    ``eligible``: optional (n_voxels,) bool, the voxels that may join the reference (a mask
-    rather than a subset: no copy of a whole-brain series).
+    the ``ARTERIAL_REFERENCE_FRACTION`` of voxels enhancing most over frame 0 among the earliest
+    vessels (``_earliest_vessels``); tissue enhances later, so frames before this index are
+    unenhanced everywhere. ``eligible``: optional (n_voxels,) bool, the voxels that may join the
+    reference (a mask rather than a subset: no copy of a whole-brain series). ``times``: the
+    frame times (s; default one frame per second).
     """
     curves = np.asarray(curves, dtype=np.float32)
     first = curves[:, 0]
@@ -105,9 +112,10 @@ def bolus_arrival_frame(curves: np.ndarray, source: str = "image", eligible=None
     # nothing bright has come back down (a bolus cut off by the end of the scan) all voxels stay.
     returned = np.flatnonzero(tail_level(curves) - first < RETURN_FRACTION * peak)
     if len(returned) >= n_ref:
-        returned = returned[_largest(peak[returned], n_ref)]
-        if peak[returned].mean() >= RETURN_FRACTION * peak[ref_idx].mean():
-            ref_idx = returned
+        strongest = returned[_largest(peak[returned], n_ref)]
+        if peak[strongest].mean() >= RETURN_FRACTION * peak[ref_idx].mean():
+            early = _earliest_vessels(curves, returned, peak, peak[strongest].mean(), times)
+            ref_idx = early[_largest(peak[early], min(n_ref, len(early)))]
     reference = curves[ref_idx].mean(axis=0)  # frame 0 drops out with the baseline below
     reference -= reference[:MIN_BASELINE_FRAMES].mean()
     top = int(np.argmax(reference))
@@ -116,6 +124,21 @@ def bolus_arrival_frame(curves: np.ndarray, source: str = "image", eligible=None
                         f"{reference[top]:.1f} HU, expected >= {MIN_BOLUS_HU:.0f} HU)")
     below = np.flatnonzero(reference[: top + 1] < ARRIVAL_FRACTION * reference[top])
     return int(below[-1] + 1) if below.size else 0
+
+
+def _earliest_vessels(curves, candidates, rise, strongest_rise, times=None) -> np.ndarray:
+    """The ``candidates`` rising at least VESSEL_RISE_FRACTION of ``strongest_rise`` (vessels)
+    that peak within EARLY_VESSEL_WINDOW_S of the earliest of them (its EARLIEST_PERCENTILE
+    percentile, so a few noisy voxels cannot set it): the arteries. A venous sinus is often
+    brighter than the partial-volumed arteries and larger: timed by the strongest voxels alone,
+    the independent phantom's bolus arrived with the sinus, 6 s after the arteries; their bolus
+    then fell into the baseline, they no longer looked like a bolus, and the sinus became the
+    AIF (Tmax -4...-6 s, CBF +100...+380 %)."""
+    vessels = candidates[rise[candidates] >= VESSEL_RISE_FRACTION * strongest_rise]
+    t = np.arange(curves.shape[1], dtype=float) if times is None else np.asarray(times, float)
+    peak_time = t[np.argmax(curves[vessels], axis=1)]
+    first = np.percentile(peak_time, EARLIEST_PERCENTILE)
+    return vessels[peak_time <= first + EARLY_VESSEL_WINDOW_S]
 
 
 def baseline_frame_count(times, arrival_frame: int, source: str = "image") -> int:
