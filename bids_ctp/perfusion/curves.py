@@ -133,7 +133,7 @@ def _earliest_vessels(curves, candidates, rise, strongest_rise, times=None) -> n
     brighter than the partial-volumed arteries and larger: timed by the strongest voxels alone,
     the independent phantom's bolus arrived with the sinus, 6 s after the arteries; their bolus
     then fell into the baseline, they no longer looked like a bolus, and the sinus became the
-    AIF (Tmax -4...-6 s, CBF +100...+380 %)."""
+    AIF (Tmax -3.5...-6 s, CBF +70...+380 %)."""
     vessels = candidates[rise[candidates] >= VESSEL_RISE_FRACTION * strongest_rise]
     t = np.arange(curves.shape[1], dtype=float) if times is None else np.asarray(times, float)
     peak_time = t[np.argmax(curves[vessels], axis=1)]
