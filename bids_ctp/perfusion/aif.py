@@ -27,19 +27,13 @@ from scipy.optimize import curve_fit, least_squares
 from scipy.special import gammaln
 
 from bids_ctp.errors import DataError
-from bids_ctp.perfusion.curves import (ARTERIAL_REFERENCE_FRACTION, RETURN_FRACTION, tail_level,
-                                      time_to_peak)
+from bids_ctp.perfusion.curves import (ARTERIAL_REFERENCE_FRACTION, EARLY_WINDOW_S,
+                                      RETURN_FRACTION, tail_level, time_to_peak)
 from bids_ctp.perfusion.mask import BONE_HU
 from bids_ctp.perfusion.motion import expected_artefact_hu
 
 CANDIDATE_FRACTION = 0.3  # of the 99.9th percentile of peak enhancement in the brain
 MIN_CLUSTER_MM3 = 2.0  # smaller bright clusters are noise or tiny vessels
-# Clusters peaking later than the earliest one + this are veins (phantom sinuses peak 4-7 s
-# after the arteries). 2 s let a few weak artery-edge voxels whose rise a head jerk cut short
-# (peaking 2.2-2.6 s before the arteries themselves) shut the arteries out: 99 HU AIF, every
-# CBF +180...+350 % (independent phantom, jerk on the arterial upslope). On 41 other phantom
-# sets 3 s changed one series (GM CBF +9.1 -> +11.6 %, its core -1 point) and nothing else.
-EARLY_WINDOW_S = 3.0
 CENTRE_FRACTION = 0.8  # keep voxels reaching this fraction of the best early voxel's peak
 MAX_AIF_VOXELS = 40
 FIRST_PASS_END = 0.6  # fraction of the peak where the fitted first pass ends

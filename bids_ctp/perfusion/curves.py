@@ -20,10 +20,17 @@ MIN_BASELINE_FRAMES = 2
 BASELINE_MARGIN_S = 2.0  # frames this close before arrival are left out of the baseline
 RETURN_FRACTION = 0.5  # vessel curves end below this fraction of their peak
 # Vessels for the arterial reference: voxels rising this fraction of the strongest ones'
-# rise, peaking within the window of the earliest (this percentile) of them (_earliest_vessels)
+# rise, peaking within EARLY_WINDOW_S of the earliest (this percentile) of them
+# (_earliest_vessels)
 VESSEL_RISE_FRACTION = 0.3
 EARLIEST_PERCENTILE = 5
-EARLY_VESSEL_WINDOW_S = 3.0
+# Vessels peaking later than the earliest ones + this are veins, both for the arrival reference
+# and for the AIF's clusters (aif.py; phantom sinuses peak 4-7 s after the arteries). 2 s let a
+# few weak artery-edge voxels whose rise a head jerk cut short (peaking 2.2-2.6 s before the
+# arteries themselves) shut the arteries out: 99 HU AIF, every CBF +180...+350 % (independent
+# phantom, jerk on the arterial upslope). On 41 other phantom sets 3 s changed one series (GM
+# CBF +9.1 -> +11.6 %, its core -1 point) and nothing else.
+EARLY_WINDOW_S = 3.0
 MIN_BOLUS_HU = 20.0  # arterial reference enhancing less than this: no usable bolus
 # A skull-less series whose strongest enhancement lies outside what contrast gives a CT artery
 # is not in HU (e.g. a DSC test object in concentration units): it is scaled to this peak.
@@ -128,7 +135,7 @@ def bolus_arrival_frame(curves: np.ndarray, source: str = "image", eligible=None
 
 def _earliest_vessels(curves, candidates, rise, strongest_rise, times=None) -> np.ndarray:
     """The ``candidates`` rising at least VESSEL_RISE_FRACTION of ``strongest_rise`` (vessels)
-    that peak within EARLY_VESSEL_WINDOW_S of the earliest of them (its EARLIEST_PERCENTILE
+    that peak within EARLY_WINDOW_S of the earliest of them (its EARLIEST_PERCENTILE
     percentile, so a few noisy voxels cannot set it): the arteries. A venous sinus is often
     brighter than the partial-volumed arteries and larger: timed by the strongest voxels alone,
     the independent phantom's bolus arrived with the sinus, 6 s after the arteries; their bolus
@@ -138,7 +145,7 @@ def _earliest_vessels(curves, candidates, rise, strongest_rise, times=None) -> n
     t = np.arange(curves.shape[1], dtype=float) if times is None else np.asarray(times, float)
     peak_time = t[np.argmax(curves[vessels], axis=1)]
     first = np.percentile(peak_time, EARLIEST_PERCENTILE)
-    return vessels[peak_time <= first + EARLY_VESSEL_WINDOW_S]
+    return vessels[peak_time <= first + EARLY_WINDOW_S]
 
 
 def baseline_frame_count(times, arrival_frame: int, source: str = "image") -> int:
