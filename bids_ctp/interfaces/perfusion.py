@@ -352,15 +352,15 @@ class SelectVessels(SimpleInterface):
         automatic = not (isdefined(inp.aif_mask) and isdefined(inp.vof_mask))
         # only automatic selection uses the motion model
         moved = automatic and isdefined(inp.motion_parameters) and np.any(inp.motion_parameters)
+        scene = _unenhanced_head(inp, data)[0] if moved else None
         motion_model = {"motion_parameters": inp.motion_parameters if moved else None,
-                        "edge": (motion.edge_strength(_unenhanced_head(inp, data)[0], spacing)
-                                 if moved else None)}
+                        "edge": motion.edge_strength(scene, spacing) if moved else None}
         if isdefined(inp.aif_mask):
             aif = self._user_curve(inp.aif_mask, times)
         else:
             # no vessel at all: a data error
             clusters = aif_stage.vessel_clusters(*search, **motion_model)
-            aif = aif_stage.select_aif(*search, clusters=clusters, **motion_model)
+            aif = aif_stage.select_aif(*search, clusters=clusters, scene=scene, **motion_model)
         if isdefined(inp.vof_mask):
             vof = self._user_curve(inp.vof_mask, times)
         else:
