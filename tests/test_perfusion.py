@@ -754,6 +754,37 @@ def test_aif_after_motion_is_taken_where_the_motion_keeps_the_artery():
     assert aif.peak_hu == pytest.approx(truth.max(), rel=0.02)
 
 
+def test_voxels_the_motion_can_fill_with_bone_join_no_vessel_cluster():
+    """Through 5 mm slices, bone moving in and out for 7 frames gave CSF next to the skull
+    bolus-like bumps, and those voxels bridged the arteries, sinus and CSF into one cluster
+    of 18 866 voxels (independent phantom; the AIF became CSF, every CBF -100 %). Given the
+    unenhanced head, voxels whose round trip loss exceeds their peak join no cluster."""
+    spacing = (1.0, 1.0, 5.0)
+    enh, vox, artery, _ = _vessel_volume()
+    scene = np.full(VESSEL_SHAPE, 35.0, np.float32)
+    scene[7:18, 7:18, 3] = 1200.0  # bone in the slice above
+    bridge = np.array([(i, i, 2) for i in range(8, 18)])  # from the artery's wall to the sinus
+    motion = np.zeros((len(T_VESSELS), 6))
+    motion[(T_VESSELS >= 37) & (T_VESSELS < 44), 5] = 1.5
+    bump = mo.round_trip_at(scene, spacing, motion, bridge) - scene[tuple(bridge.T)][:, None]
+    assert bump.max() > 0.5 * artery.max()  # construction: as bright as a vessel
+    enh[_rows(bridge)] += bump
+    model = {"motion_parameters": motion, "edge": mo.edge_strength(scene, spacing)}
+
+    def clusters_of(found, voxels):
+        return set(found.cluster_of[np.isin(found.candidates, _rows(voxels))].tolist())
+
+    merged = af.vessel_clusters(enh, vox, VESSEL_SHAPE, T_VESSELS, spacing, **model)
+    assert clusters_of(merged, ARTERY_CORE) == clusters_of(merged, SINUS) == {1}  # construction
+    found = af.vessel_clusters(enh, vox, VESSEL_SHAPE, T_VESSELS, spacing, **model, scene=scene)
+    assert clusters_of(found, bridge) == {0}
+    assert len(clusters_of(found, ARTERY_CORE)) == 1 and 0 not in clusters_of(found, ARTERY_CORE)
+    assert clusters_of(found, ARTERY_CORE).isdisjoint(clusters_of(found, SINUS))
+    aif = af.select_aif(enh, vox, VESSEL_SHAPE, T_VESSELS, spacing, clusters=found, **model)
+    assert {tuple(v) for v in aif.voxels} <= {tuple(v) for v in ARTERY_CORE}
+    assert aif.peak_hu == pytest.approx(artery.max(), rel=0.05)
+
+
 def test_aif_is_not_a_bone_edge_cluster_the_motion_made_early():
     """After head motion, a CSF voxel pair next to bone can carry a bolus-shaped artefact
     peaking before the arteries (2.5 mm slices, 2 mm motion: a one-voxel AIF in CSF, CBF

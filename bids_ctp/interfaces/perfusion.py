@@ -359,7 +359,7 @@ class SelectVessels(SimpleInterface):
             aif = self._user_curve(inp.aif_mask, times)
         else:
             # no vessel at all: a data error
-            clusters = aif_stage.vessel_clusters(*search, **motion_model)
+            clusters = aif_stage.vessel_clusters(*search, scene=scene, **motion_model)
             aif = aif_stage.select_aif(*search, clusters=clusters, scene=scene, **motion_model)
         if isdefined(inp.vof_mask):
             vof = self._user_curve(inp.vof_mask, times)

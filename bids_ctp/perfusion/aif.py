@@ -78,6 +78,12 @@ AIF_REFERENCE_RANK = 5
 # 1-2 mm jerks, 0.85 mm pixels) the 40 strongest artery voxels kept 0.59 of the bolus after
 # the jerk, and CBF came out +63...+98 %.
 MAX_ROUND_TRIP_LOSS = 0.2
+# After head motion, a voxel the motion can change by more than its peak (``round_trip_loss``)
+# joins no vessel cluster. On the independent phantom (1-1.5 deg jerks at 5 mm slices) CSF and
+# cortex next to bone (loss 1.2-1.7) joined all arteries, sinus and CSF into one cluster of
+# 18 866 voxels that was no longer bolus-shaped, and the AIF became CSF that bone moved into
+# for 7 frames (every CBF -100 %). Arteries lying in a 5 mm slice lose up to about 0.5.
+MAX_CLUSTER_LOSS = 1.0
 MIN_FIT_R2 = 0.8  # gamma-variate fits worse than this are not trusted for VOF scaling
 # venous_transit_fit: time step (s) of its convolution, and (start, lower, upper) of scale,
 # kernel shape and mean transit (s)
@@ -263,11 +269,13 @@ def check_first_frame(times, curves: np.ndarray, source: str = "image") -> None:
 
 
 def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
-                    motion_parameters=None, edge=None):
+                    motion_parameters=None, edge=None, scene=None):
     """Bright, bolus-shaped voxels grouped into connected vessel-sized clusters (computed once
     and shared by ``select_aif`` and ``select_vof``). With ``motion_parameters`` (T, 6) and
     ``edge`` (``motion.edge_strength`` of the unenhanced head), clusters that head motion can
-    fill with more than MAX_ARTEFACT_TO_PEAK of their enhancement are not arteries: they
+    fill with more than MAX_ARTEFACT_TO_PEAK of their enhancement are not arteries, and
+    (given ``scene``, the unenhanced head over the whole grid) voxels whose
+    ``round_trip_loss`` exceeds MAX_CLUSTER_LOSS join no cluster. Those clusters
     neither set the arterial time nor join the AIF (the VOF's sinus runs along the skull, and
     ``select_vof`` handles its motion voxel by voxel).
 
@@ -287,8 +295,15 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
     candidates = np.flatnonzero(bright & returned if (bright & returned).any() else bright)
     if threshold <= 0 or candidates.size == 0:
         raise DataError(f"{source}: no arterial input candidate (no voxel enhances)")
+    moved = motion_parameters is not None and edge is not None
     volume = np.zeros(shape, dtype=bool)
     volume[tuple(voxels[candidates].T)] = True
+    if moved and scene is not None:
+        # voxels the motion can change by more than their peak join no cluster: through 5 mm
+        # slices they bridged the arteries, sinus and CSF into one cluster
+        loss = round_trip_loss(enhancement, voxels, shape, spacing, motion_parameters, scene,
+                               candidates)
+        volume[tuple(voxels[candidates[loss > MAX_CLUSTER_LOSS]].T)] = False
     labels, n_clusters = ndimage.label(volume, structure=np.ones((3, 3, 3)))
     cluster_of = labels[tuple(voxels[candidates].T)]
     ttp = time_to_peak(times, enhancement[candidates])
@@ -304,14 +319,17 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
     if not np.isfinite(cluster_ttp).any():
         raise DataError(f"{source}: no arterial input candidate (no vessel-sized cluster)")
     arterial_ttp = cluster_ttp.copy()
-    if motion_parameters is not None and edge is not None:
+    if moved:
         artefact = expected_artefact_hu(motion_parameters, edge, spacing, voxels[candidates])
         ratio = artefact / np.maximum(peak[candidates], 1e-6)
-        unsteady = [label for label in np.flatnonzero(np.isfinite(cluster_ttp))
-                    if np.median(ratio[cluster_of == label]) > MAX_ARTEFACT_TO_PEAK]
-        arterial_ttp[unsteady] = np.inf
-        if not np.isfinite(arterial_ttp).any():  # none steady: keep them all, the fit will flag it
-            arterial_ttp = cluster_ttp
+        steady = [label for label in labels_ok
+                  if np.median(ratio[cluster_of == label]) <= MAX_ARTEFACT_TO_PEAK]
+        if steady:  # else none steady: keep them all, the fit will flag it
+            # bolus-shaped among them, else all of them: a jerk during the arterial first
+            # pass can leave no artery bolus-shaped while CSF that bone moves into is
+            arterial_ttp = np.full(n_clusters + 1, np.inf)
+            for label in [label for label in steady if label in shaped] or steady:
+                arterial_ttp[label] = np.median(ttp[cluster_of == label])
     return VesselClusters(candidates, cluster_of, ttp, cosine, peak[candidates], first_pass,
                           cluster_ttp, arterial_ttp)
 
@@ -393,7 +411,7 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     """
     times = np.asarray(times, float)
     found = clusters or vessel_clusters(enhancement, voxels, shape, times, spacing, source,
-                                        motion_parameters, edge)
+                                        motion_parameters, edge, scene)
     arterial_ttp = found.arterial_ttp
     early = np.isin(found.cluster_of,
                     np.flatnonzero(arterial_ttp <= arterial_ttp.min() + EARLY_WINDOW_S))
