@@ -49,7 +49,9 @@ Registration (one frame at a time, each to the reference)
 * Speed: registration runs on a block-averaged copy (in-plane, and through-plane for thin
   slices) with voxels of about ``REGISTRATION_VOXEL_MM`` (block averaging also lowers the
   noise), in a 2-level pyramid (a further 2 x 2 in-plane average, then the registration
-  grid), starting from the previous frame's solution.  Before registering, one
+  grid), starting from the previous frame's solution, and refined on a grid of about
+  ``REFINE_VOXEL_MM`` when the pixels are 1 mm or smaller (see there). Geometrically
+  shrinking steps are extended by the rest of their series (``MAX_STEP_RATIO``).  Before registering, one
   Gauss-Newton step from the identity gives a linearised motion estimate; if it is below
   ``SKIP_BELOW_MM`` (FD units, mm) the frame is taken as still: parameters 0, frame copied
   unchanged (no interpolation blur).
@@ -76,6 +78,23 @@ from scipy import ndimage
 
 REGISTRATION_WINDOW_HU = (-1100.0, 150.0)
 REGISTRATION_VOXEL_MM = 4.0  # target voxel size of the block-averaged registration images
+# A last level of about this voxel size refines the registration grid's solution when it
+# still averages blocks of pixels (pixels of 1 mm or less), with at most REFINE_ITERATIONS
+# steps until one moves the head by less than REFINE_CONVERGED_MM. On an independent phantom
+# (0.85 mm pixels, 5 mm slices, 1-1.5 deg jerks) the 4 mm grid alone was 0.19 mm off the true
+# transform on average (0.35 mm in the worst frame), with it 0.07 mm; the bone edges' residue
+# had left a +8 HU step in grey matter from the jerk on, and GM CBF came out +55 %, now -3 %.
+# At 2 mm pixels a full-resolution level fitted partial-volume changes instead (0.6 mm off).
+REFINE_VOXEL_MM = 2.0
+REFINE_ITERATIONS = 10
+REFINE_CONVERGED_MM = 0.01
+# With Huber weights the Gauss-Newton steps shrink geometrically (by 0.7-0.8 per step: the
+# weights of the residuals beyond the threshold make the curvature look larger than it is),
+# so a step along the previous one's direction (cosine > 0.9) that shrank by a ratio r in
+# (0.2, MAX_STEP_RATIO) is extended by the rest of that series, 1 / (1 - r): half the
+# iterations, and against the truth on four phantom series (two independent, two ours) mean
+# errors of 0.099 / 0.069 / 0.076 / 0.060 mm instead of 0.104 / 0.085 / 0.074 / 0.061 mm.
+MAX_STEP_RATIO = 0.95
 # Gaussian pre-filter before block averaging, sigma in blocks: block means alone alias the
 # 1000 HU skin/air and skull edges, which biased in-plane rotation by 0.45 deg on the
 # phantom (2 mm motion; 0.01 deg with the filter) and left white-matter CBV 13 % high.
@@ -330,8 +349,8 @@ def artefact_weights(regressor: np.ndarray, edge: np.ndarray, noise_sd: float) -
 
 
 # ---------------------------------------------------------------- registration
-def _block_factors(spacing) -> tuple[int, int, int]:
-    return tuple(max(1, int(round(REGISTRATION_VOXEL_MM / s))) if s < REGISTRATION_VOXEL_MM else 1 for s in spacing)
+def _block_factors(spacing, voxel_mm=REGISTRATION_VOXEL_MM) -> tuple[int, int, int]:
+    return tuple(max(1, int(round(voxel_mm / s))) if s < voxel_mm else 1 for s in spacing)
 
 
 def _downsample(volume: np.ndarray, factors, window, antialias: bool = True) -> np.ndarray:
@@ -385,34 +404,51 @@ class _Level:
         x, y, z = np.meshgrid(*axes, indexing="ij")
         # moving(T(x)) - ref(x) ~ grad . (w x r + t) = (r x grad) . w + grad . t
         sd = np.stack([y * gz - z * gy, z * gx - x * gz, x * gy - y * gx, gx, gy, gz], axis=-1)
-        self.sd = sd.reshape(-1, 6)
-        self.ref = ref.astype(np.float64).ravel()
+        # float32, in SimpleITK's (k, j, i) voxel order: no copies of the resampled frame
+        self.sd = np.ascontiguousarray(sd.transpose(2, 1, 0, 3), np.float32).reshape(-1, 6)
+        self.ref = np.ascontiguousarray(ref.T, np.float32).ravel()
 
     def step(self, moving: sitk.Image, tx) -> tuple[np.ndarray, float]:
-        warped = sitk.GetArrayFromImage(sitk.Resample(moving, self.ref_img, tx, sitk.sitkLinear, np.nan, sitk.sitkFloat32)).T.ravel()
-        ok = np.isfinite(warped)
-        err = warped[ok] - self.ref[ok]
-        sd = self.sd[ok]
+        warped = sitk.Resample(moving, self.ref_img, tx, sitk.sitkLinear, np.nan, sitk.sitkFloat32)
+        # (a view of ``warped``, so it must stay referenced until the subtraction copies it)
+        err = sitk.GetArrayViewFromImage(warped).ravel() - self.ref
+        outside = np.isnan(err)
         # Robust (Huber) weights: voxels the bolus changed, or that moved out of the field of
         # view, do not dominate the least squares.
-        scale = max(1.4826 * np.median(np.abs(err)), HUBER_MIN_HU)
+        size = np.abs(err)
+        scale = max(1.4826 * float(np.median(size[~outside] if outside.any() else size)),
+                    HUBER_MIN_HU)
         k = HUBER_K * scale
-        w = np.minimum(1.0, k / np.maximum(np.abs(err), 1e-12))
-        h = sd.T @ (sd * w[:, None])
+        w = np.minimum(np.float32(1.0), np.float32(k) / np.maximum(size, np.float32(1e-12)))
+        if outside.any():
+            w[outside], err[outside] = 0.0, 0.0
+        weighted = self.sd * w[:, None]
+        h = (weighted.T @ self.sd).astype(np.float64)
+        gradient = (weighted.T @ err).astype(np.float64)
         # Levenberg-Marquardt damping, plus a tiny ridge for directions the image does not
         # constrain at all (e.g. z for a stack of identical slices): those stay at 0.
         h = h + DAMPING * np.diag(np.diag(h)) + 1e-9 * (np.trace(h) / 6.0 + 1e-12) * np.eye(6)
-        dp = np.linalg.solve(h, sd.T @ (w * err))
+        dp = np.linalg.solve(h, gradient)
         return dp, float(np.abs(dp[3:]).sum() + FD_RADIUS_MM * np.abs(dp[:3]).sum())
 
 
 def _register(levels, moving_images, initial) -> np.ndarray:
     m = _affine(rigid_transform(initial))
-    for level, moving in zip(levels, moving_images):
-        for _ in range(MAX_ITERATIONS):
+    for i, (level, moving) in enumerate(zip(levels, moving_images)):
+        refining = i >= 2  # the REFINE_VOXEL_MM level
+        previous = None
+        for _ in range(REFINE_ITERATIONS if refining else MAX_ITERATIONS):
             dp, size = level.step(moving, _from_affine(m))
-            m = m @ np.linalg.inv(_affine(rigid_transform(dp)))
-            if size < CONVERGED_MM:
+            move = dp
+            if previous is not None:  # extend a geometric series of steps (MAX_STEP_RATIO)
+                ratio = size / max(previous[1], 1e-12)
+                cosine = dp @ previous[0] / max(np.linalg.norm(dp) * np.linalg.norm(previous[0]),
+                                                1e-12)
+                if cosine > 0.9 and 0.2 < ratio < MAX_STEP_RATIO:
+                    move = dp / (1.0 - ratio)
+            m = m @ np.linalg.inv(_affine(rigid_transform(move)))
+            previous = (dp, size)
+            if size < (REFINE_CONVERGED_MM if refining else CONVERGED_MM):
                 break
     return np.asarray(_from_affine(m).GetParameters(), dtype=float)
 
@@ -467,12 +503,21 @@ def correct_motion(data: np.ndarray, spacing, reference: int | None = None, n_th
     c_spacing = tuple(s * f for s, f in zip(ds_spacing, coarse))
     c_origin = tuple(o + 0.5 * (f - 1) * s for o, f, s in zip(ds_origin, coarse, ds_spacing))
 
+    # A last, finer level (REFINE_VOXEL_MM) where it still averages blocks
+    refine = _block_factors(spacing, REFINE_VOXEL_MM)
+    refine = None if refine == factors or max(refine) < 2 else refine
+    if refine:
+        r_spacing = tuple(s * f for s, f in zip(spacing, refine))
+        r_origin = tuple(o + 0.5 * (f - 1) * s for o, f, s in zip(full_origin, refine, spacing))
+
     def pyramid(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         small = _downsample(volume, factors, window)
         return _downsample(small, coarse, (-np.inf, np.inf), antialias=False), small
 
     ref_c, ref_f = pyramid(data[..., ref_index])
     levels = [_Level(ref_c, c_spacing, c_origin), _Level(ref_f, ds_spacing, ds_origin)]
+    if refine:
+        levels.append(_Level(_downsample(data[..., ref_index], refine, window), r_spacing, r_origin))
 
     corrected = np.empty(data.shape, dtype=np.float32, order="F") if out is None else out
     params = np.zeros((n_t, 6))
@@ -490,6 +535,8 @@ def correct_motion(data: np.ndarray, spacing, reference: int | None = None, n_th
             if levels[1].step(moving[1], rigid_transform(still))[1] < skip_below_mm:
                 corrected[..., t] = frame
                 return still
+        if refine:  # only for frames that moved
+            moving.append(to_image(_downsample(frame, refine, window), r_spacing, r_origin))
         p = _register(levels, moving, initial)
         if not _improves(ref_f, small_f, p, ds_spacing, ds_origin):
             # A featureless or very noisy series can drift: keep a frame the registration
