@@ -5,6 +5,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bids_ctp.perfusion import motion as mo
+
 from bids_ctp.perfusion.motion import (
     MOTION_FD_THRESHOLD_MM,
     apply_rigid,
@@ -117,3 +119,29 @@ def test_int16_extremes_survive():
     np.testing.assert_array_equal(result.corrected[..., 0], frame)
     inner = (slice(3, 21), slice(3, 21), slice(None))
     assert np.abs(result.corrected[..., 2][inner] - data[..., 0][inner]).mean() < 60.0
+
+
+def test_recovers_motion_at_fine_pixels_with_the_refining_level(tmp_path):
+    """At pixels of 1 mm or less a last level of about 2 mm (REFINE_VOXEL_MM) refines the 4 mm
+    grid's solution. A head moved by interpolation of its 0.9 mm pixels and 5 mm slices (how an
+    independent phantom moves it; jerks up to 1.5 mm / 1.5 deg): measured 0.081 mm mean and
+    0.138 mm worst-frame displacement error over the volume (0.085 / 0.154 mm without that
+    level; on the independent phantom 0.19 -> 0.07-0.10 mm)."""
+    spacing = (0.9, 0.9, 5.0)
+    image = make_dataset(tmp_path / "fine", shape=(240, 240, 20), spacing=spacing,
+                         n_frames=10, noise_hu=10.0, seed=2, motion=1.5,
+                         motion_subvoxel_mm=5.0).images[0]
+    data = np.asarray(nib.load(image.ctp).dataobj)
+    truth = np.loadtxt(image.truth["motion"], skiprows=1)
+    assert max(mo._block_factors(spacing, mo.REFINE_VOXEL_MM)) >= 2  # the level is used
+    result = correct_motion(data, spacing)
+    voxels = np.argwhere(np.ones(data.shape[:3], bool))[::97]
+    x = np.c_[voxels * np.array(spacing) + np.array(mo._centred_origin(data.shape[:3], spacing)),
+              np.ones(len(voxels))]
+
+    def moved(p):
+        return x @ mo._affine(mo.rigid_transform(p)).T
+
+    error = np.array([np.linalg.norm((moved(p) - moved(q))[:, :3], axis=1).mean()
+                      for p, q in zip(result.parameters, truth)])
+    assert error.mean() < 0.1 and error.max() < 0.17
