@@ -29,9 +29,8 @@ from scipy.special import gammaln
 from bids_ctp.errors import DataError
 from bids_ctp.perfusion.curves import (ARTERIAL_REFERENCE_FRACTION, EARLY_WINDOW_S,
                                       RETURN_FRACTION, tail_level, time_to_peak)
-from bids_ctp.perfusion.mask import BONE_HU
 from bids_ctp.perfusion import motion
-from bids_ctp.perfusion.motion import expected_artefact_hu
+from bids_ctp.perfusion.mask import BONE_HU
 
 CANDIDATE_FRACTION = 0.3  # of the 99.9th percentile of peak enhancement in the brain
 MIN_CLUSTER_MM3 = 2.0  # smaller bright clusters are noise or tiny vessels
@@ -273,11 +272,11 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
     """Bright, bolus-shaped voxels grouped into connected vessel-sized clusters (computed once
     and shared by ``select_aif`` and ``select_vof``). With ``motion_parameters`` (T, 6) and
     ``edge`` (``motion.edge_strength`` of the unenhanced head), clusters that head motion can
-    fill with more than MAX_ARTEFACT_TO_PEAK of their enhancement are not arteries, and
-    (given ``scene``, the unenhanced head over the whole grid) voxels whose
-    ``round_trip_loss`` exceeds MAX_CLUSTER_LOSS join no cluster. Those clusters
+    fill with more than MAX_ARTEFACT_TO_PEAK of their enhancement are not arteries: they
     neither set the arterial time nor join the AIF (the VOF's sinus runs along the skull, and
-    ``select_vof`` handles its motion voxel by voxel).
+    ``select_vof`` handles its motion voxel by voxel). Given ``scene`` too (the unenhanced
+    head over the whole grid), voxels whose ``round_trip_loss`` exceeds MAX_CLUSTER_LOSS
+    join no cluster.
 
     Returns ``VesselClusters``; a cluster's time to peak is inf when it is too small to be a
     vessel or not bolus-shaped.
@@ -320,7 +319,8 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
         raise DataError(f"{source}: no arterial input candidate (no vessel-sized cluster)")
     arterial_ttp = cluster_ttp.copy()
     if moved:
-        artefact = expected_artefact_hu(motion_parameters, edge, spacing, voxels[candidates])
+        artefact = motion.expected_artefact_hu(motion_parameters, edge, spacing,
+                                               voxels[candidates])
         ratio = artefact / np.maximum(peak[candidates], 1e-6)
         steady = [label for label in labels_ok
                   if np.median(ratio[cluster_of == label]) <= MAX_ARTEFACT_TO_PEAK]
@@ -338,8 +338,8 @@ def arrival_reference_voxels(curves, voxels, spacing, motion_parameters, edge) -
     """Which ``curves`` (n, T) may time the bolus arrival (``curves.bolus_arrival_frame``): all
     but the bright ones (rising at least ARRIVAL_SCREEN_FRACTION of the arrival reference's
     weakest) that head motion can fill with more than MAX_ARTEFACT_TO_PEAK of their rise
-    (``expected_artefact_hu``, as for the AIF's clusters). Bone moving in and out of the CSF
-    next to the skull outshone the arteries: with the head moving after the first pass at
+    (``motion.expected_artefact_hu``, as for the AIF's clusters). Bone moving in and out of
+    the CSF next to the skull outshone the arteries: with the head moving after the first pass at
     1.5 mm pixels the reference rose with the movement, arrival came 3 frames late, and the
     baseline held the arterial bolus (the arteries' curves -39 HU before it, AIF 110 HU, CBF
     +30 %; with a trial smoothing the AIF went to the sinus, CBF +215 %). All of them when no
@@ -355,7 +355,7 @@ def arrival_reference_voxels(curves, voxels, spacing, motion_parameters, edge) -
     chunk = 100_000  # bounded memory: (chunk, T) displacements
     for start in range(0, len(bright), chunk):
         part = bright[start:start + chunk]
-        artefact = expected_artefact_hu(motion_parameters, edge, spacing, voxels[part])
+        artefact = motion.expected_artefact_hu(motion_parameters, edge, spacing, voxels[part])
         keep[part[artefact > MAX_ARTEFACT_TO_PEAK * rise[part]]] = False
     return keep if keep.any() else np.ones(len(curves), bool)
 
@@ -393,7 +393,7 @@ def _least_moved_half(motion_parameters, edge, spacing, voxels, among=slice(None
     """Which ``voxels`` (n, 3) expect a motion artefact (``motion.expected_artefact_hu``) no
     larger than the median of those selected by ``among``: the half that head motion can fill
     least with bone."""
-    artefact = expected_artefact_hu(motion_parameters, edge, spacing, voxels)
+    artefact = motion.expected_artefact_hu(motion_parameters, edge, spacing, voxels)
     return artefact <= np.median(artefact[among])
 
 
@@ -426,7 +426,8 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
                                chosen)
         steady = loss <= MAX_ROUND_TRIP_LOSS
         if steady.any():
-            chosen, strength, vessel_shaped = chosen[steady], strength[steady], vessel_shaped[steady]
+            chosen, strength = chosen[steady], strength[steady]
+            vessel_shaped = vessel_shaped[steady]
     reference = (np.sort(strength)[-min(AIF_REFERENCE_RANK, strength.size)] if moved
                  else strength.max())
     if moved and vessel_shaped.any():  # after the reference: it stands for all artery centres

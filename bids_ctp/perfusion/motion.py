@@ -51,8 +51,8 @@ Registration (one frame at a time, each to the reference)
   noise), in a 2-level pyramid (a further 2 x 2 in-plane average, then the registration
   grid), starting from the previous frame's solution, and refined on a grid of about
   ``REFINE_VOXEL_MM`` when the pixels are 1 mm or smaller (see there). Geometrically
-  shrinking steps are extended by the rest of their series (``MAX_STEP_RATIO``).  Before registering, one
-  Gauss-Newton step from the identity gives a linearised motion estimate; if it is below
+  shrinking steps are extended by the rest of their series (``MAX_STEP_RATIO``).  Before
+  registering, one Gauss-Newton step from the identity gives a linearised motion estimate; if it is below
   ``SKIP_BELOW_MM`` (FD units, mm) the frame is taken as still: parameters 0, frame copied
   unchanged (no interpolation blur).
 * Resampling: every moved frame is resampled from its original full-resolution float32
