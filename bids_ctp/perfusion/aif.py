@@ -127,6 +127,7 @@ class VesselClusters(NamedTuple):
     first_pass: np.ndarray  # each candidate's first-pass area (HU s)
     cluster_ttp: np.ndarray  # each cluster's median time to peak; inf: no vessel
     arterial_ttp: np.ndarray  # cluster_ttp, inf also for clusters that are not arteries
+    loss: np.ndarray | None = None  # each candidate's ``round_trip_loss`` (given the head)
 
 
 @dataclass
@@ -297,10 +298,11 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
     moved = motion_parameters is not None and edge is not None
     volume = np.zeros(shape, dtype=bool)
     volume[tuple(voxels[candidates].T)] = True
+    loss = None
     if moved and scene is not None:
         # voxels the motion can change by more than their peak join no cluster: through 5 mm
         # slices they bridged the arteries, sinus and CSF into one cluster
-        loss = round_trip_loss(enhancement, voxels, shape, spacing, motion_parameters, scene,
+        loss = round_trip_loss(peak, voxels, shape, spacing, motion_parameters, scene,
                                candidates)
         volume[tuple(voxels[candidates[loss > MAX_CLUSTER_LOSS]].T)] = False
     labels, n_clusters = ndimage.label(volume, structure=np.ones((3, 3, 3)))
@@ -331,7 +333,7 @@ def vessel_clusters(enhancement, voxels, shape, times, spacing, source="image",
             for label in [label for label in steady if label in shaped] or steady:
                 arterial_ttp[label] = np.median(ttp[cluster_of == label])
     return VesselClusters(candidates, cluster_of, ttp, cosine, peak[candidates], first_pass,
-                          cluster_ttp, arterial_ttp)
+                          cluster_ttp, arterial_ttp, loss)
 
 
 def arrival_reference_voxels(curves, voxels, spacing, motion_parameters, edge) -> np.ndarray:
@@ -406,8 +408,8 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     ``voxels`` (n, 3) of a volume of ``shape``; ``spacing`` in mm. ``clusters``: the result of
     ``vessel_clusters`` for these arguments, computed here when not given. With
     ``motion_parameters`` (T, 6), ``edge`` (``motion.edge_strength``) and ``scene`` (the
-    unenhanced head over the whole grid), only voxels the motion keeps (``round_trip_loss`` at
-    most MAX_ROUND_TRIP_LOSS) are taken, when there are any.
+    unenhanced head over the whole grid), only voxels the motion keeps (their clusters'
+    ``round_trip_loss`` at most MAX_ROUND_TRIP_LOSS) are taken, when there are any.
     """
     times = np.asarray(times, float)
     found = clusters or vessel_clusters(enhancement, voxels, shape, times, spacing, source,
@@ -421,10 +423,8 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     # cannot set the bar. Only then: at 4 mm pixels a still head has fewer centre voxels.
     moved = edge is not None and motion_parameters is not None
     vessel_shaped = found.shape[early] >= MIN_VOXEL_SHAPE
-    if moved and scene is not None:
-        loss = round_trip_loss(enhancement, voxels, shape, spacing, motion_parameters, scene,
-                               chosen)
-        steady = loss <= MAX_ROUND_TRIP_LOSS
+    if moved and scene is not None:  # the clusters' loss: they were found given the head too
+        steady = found.loss[early] <= MAX_ROUND_TRIP_LOSS
         if steady.any():
             chosen, strength = chosen[steady], strength[steady]
             vessel_shaped = vessel_shaped[steady]
@@ -448,23 +448,23 @@ def select_aif(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacin
     return aif
 
 
-def round_trip_loss(enhancement, voxels, shape, spacing, motion_parameters, scene,
+def round_trip_loss(peak, voxels, shape, spacing, motion_parameters, scene,
                     rows) -> np.ndarray:
-    """How much of their content head motion and its correction can change, at the
-    ``rows`` of ``enhancement`` (n, T; voxel indices ``voxels``, of a volume of ``shape``):
-    the largest change over the frames, as a fraction of a voxel's peak enhancement, that
+    """How much of their content head motion and its correction can change, at the ``rows``
+    of ``peak`` (each voxel's peak enhancement, HU; voxel indices ``voxels``, of a volume of
+    ``shape``): the largest change over the frames, as a fraction of a voxel's peak, that
     moving by each frame's motion and correcting back (``motion.round_trip_at``) makes to
     the unenhanced head ``scene`` (bone sliding in) plus to the image of peak enhancement
     (the vessel sliding out)."""
-    peak = np.zeros(shape, np.float32)
-    peak[tuple(voxels.T)] = enhancement.max(axis=1)
+    image = np.zeros(shape, np.float32)
+    image[tuple(voxels.T)] = peak
     at = voxels[rows]
     index = tuple(at.T)
     change = np.abs(motion.round_trip_at(scene, spacing, motion_parameters, at)
                     - np.asarray(scene, np.float32)[index][:, None])
-    change += np.abs(motion.round_trip_at(peak, spacing, motion_parameters, at)
-                     - peak[index][:, None])
-    return change.max(axis=1) / np.maximum(peak[index], 1e-6)
+    change += np.abs(motion.round_trip_at(image, spacing, motion_parameters, at)
+                     - image[index][:, None])
+    return change.max(axis=1) / np.maximum(image[index], 1e-6)
 
 
 def select_vof(enhancement: np.ndarray, voxels: np.ndarray, shape, times, spacing,
