@@ -1,7 +1,8 @@
 """Wall time and peak memory of one participant run on a generated phantom.
 
 Usage: python benchmarks/speed.py [--shape NX NY NZ] [--spacing SX SY SZ] [--frames N]
-                                  [--noise HU] [--motion MM] [--memory-limit-gib G] [--keep DIR]
+                                  [--noise HU] [--motion MM] [--motion-share]
+                                  [--memory-limit-gib G] [--keep DIR]
 Defaults: the seed-size scan 220x220x16x55 at 1x1x5 mm. Prints the time of a fresh run, of a
 cached rerun, and the peak resident memory of the run (rusage: anonymous memory plus the pages
 of memory-mapped intermediate files it touched, which the kernel can drop).
@@ -85,6 +86,9 @@ def main():
     parser.add_argument("--frame-interval", type=float, default=1.0)
     parser.add_argument("--noise", type=float, default=10.0)
     parser.add_argument("--motion", type=float, help="simulated head motion (mm and degrees)")
+    parser.add_argument("--motion-share", action="store_true",
+                        help="also time a fresh run with --no-motion-correction and print the "
+                             "motion correction's share of the run time")
     parser.add_argument("--memory-limit-gib", type=float)
     parser.add_argument("--keep", type=Path, help="work here and keep the data and outputs")
     args = parser.parse_args()
@@ -100,6 +104,10 @@ def main():
             fresh, anon = timed(cmd, cgroup)
             peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
             cached, _ = timed(cmd, cgroup)
+            if args.motion_share:
+                still, _ = timed(cmd[:4] + [str(tmp / "out_still"), "participant", "-w",
+                                            str(tmp / "work_still"), "--no-motion-correction"],
+                                 cgroup)
         finally:
             if cgroup is not None:
                 cgroup[0].rmdir()
@@ -108,6 +116,9 @@ def main():
              "GiB cgroup limit" if cgroup else "")
     print(f"{shape} at {args.spacing} mm: fresh run {fresh:.1f} s, cached rerun {cached:.1f} s, "
           f"peak memory {peak_mb:.0f} MB{limit}")
+    if args.motion_share:
+        print(f"without motion correction: fresh run {still:.1f} s; the correction costs "
+              f"{fresh - still:.1f} s, {100 * (fresh - still) / fresh:.0f} % of the run")
 
 
 if __name__ == "__main__":

@@ -303,6 +303,7 @@ def test_workflow_threads_and_slurm_node_args(ds, tmp_path):
     assert nodes["smooth"].n_procs == 3 and nodes["smooth"].inputs.n_threads == 3
     assert nodes["curves"].n_procs == 1 and not nodes["curves"].plugin_args  # single-threaded
     assert nodes["motion"].plugin_args == {"sbatch_args": "--cpus-per-task=3", "overwrite": False}
+    assert nodes["deconvolve"].n_procs == 3 and nodes["deconvolve"].inputs.n_threads == 3
     assert wf.config["execution"]["poll_sleep_duration"] == 0.5
     args.plugin, args.omp_nthreads = None, None
     wf = init_bids_ctp_wf(inputs, tmp_path / "out", tmp_path / "w", options=args)

@@ -145,3 +145,21 @@ def test_recovers_motion_at_fine_pixels_with_the_refining_level(tmp_path):
     error = np.array([np.linalg.norm((moved(p) - moved(q))[:, :3], axis=1).mean()
                       for p, q in zip(result.parameters, truth)])
     assert error.mean() < 0.1 and error.max() < 0.17
+
+
+def test_downsampling_is_the_low_pass_and_block_mean():
+    """The registration images: ndimage's Gaussian low-pass (ANTIALIAS_SIGMA_BLOCKS blocks,
+    reflected at the ends) then f_i x f_j x f_k block means, the trailing remainder dropped."""
+    from scipy import ndimage
+
+    volume = np.random.default_rng(2).normal(0.0, 400.0, (23, 17, 9)).astype(np.float32)
+    window = (-300.0, 500.0)
+    factors = (3, 2, 4)
+    clipped = np.clip(volume, *window)
+    low = ndimage.gaussian_filter(clipped.astype(np.float64),
+                                  [mo.ANTIALIAS_SIGMA_BLOCKS * f for f in factors])
+    expected = low[:21, :16, :8].reshape(7, 3, 8, 2, 2, 4).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(mo._downsample(volume, factors, window), expected, atol=0.05)
+    plain = clipped[:21, :16, :8].reshape(7, 3, 8, 2, 2, 4).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(mo._downsample(volume, factors, window, antialias=False), plain,
+                               atol=0.01)

@@ -175,7 +175,7 @@ def test_noise_free_frame_weights_count_the_rounding(tmp_path):
     weights = {}
     for noise_sd in (0.0, 10.0):
         inputs = SimpleNamespace(motion_parameters=parameters.tolist(), in_file=str(path),
-                                 baseline_frames=3, noise_sd=noise_sd)
+                                 baseline_frames=3, noise_sd=noise_sd, n_threads=1)
         regressor, weights[noise_sd] = _motion_artefact_model(inputs, brain, data, tissue)
         assert regressor is not None
     edge = mo.edge_strength(head, (1.0, 1.0, 1.0))[brain]
@@ -185,3 +185,52 @@ def test_noise_free_frame_weights_count_the_rounding(tmp_path):
     moved = weights[0.0][:, 4:][a[:, 4:] > 0]
     assert moved.size and moved.min() > 0.3  # a = 0.4 HU against 0.29 HU of rounding
     assert weights[10.0][:, 4:][a[:, 4:] > 0].max() < 0.01  # no noise in the curves: 0.001 HU
+
+
+def test_round_trip_regressor_is_the_whole_grid_round_trip_where_it_is_kept():
+    """The round-trip regressor reads the correction back at its own voxels only; there it
+    must equal the whole grid's ``round_trip``, also in the first and last slices, where the
+    correction of a through-plane shift reaches beyond the grid."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    shape, spacing = (24, 20, 6), (0.9, 0.9, 5.0)
+    scene = (ndimage.gaussian_filter(rng.normal(0.0, 300.0, shape), 1.5) + 40.0).astype(np.float32)
+    scene[:8] = 40.0  # uniform tissue there: no edge, no regressor
+    params = np.zeros((5, 6))
+    params[2:] = [0.02, -0.015, 0.03, 0.7, -1.1, 1.8]
+    params[4, 5] = -2.5
+    brain = np.ones(shape, bool)
+    regressor = mo.residual_motion_regressor(params, mo.edge_strength(scene, spacing), spacing,
+                                            brain, 2, scene)
+    kept = regressor[:, 0].any(axis=1)
+    assert kept.mean() > 0.5 and (~kept).any()
+    whole = np.stack([mo.round_trip(scene, spacing, p)[brain] - scene[brain] for p in params],
+                     axis=1)
+    whole -= whole[:, :2].mean(axis=1, keepdims=True)
+    assert np.abs(whole[kept][:, 2:]).max() > 50.0  # an artefact worth reading
+    np.testing.assert_allclose(regressor[kept, 1], whole[kept], atol=0.01)
+    assert not regressor[~kept].any()
+
+
+def test_voxels_without_regressors_get_the_plain_fit():
+    """Voxels whose regressors are 0 and frame weights 1 take the unweighted least squares, the
+    others the weighted one with their regressors: each as if fitted alone."""
+    rng = np.random.default_rng(5)
+    aif = arterial_input(TIMES)
+    tissue = np.stack([tissue_enhancement(TIMES, cbf, cbv, delay, "exponential")
+                       for cbf, cbv, delay in ((60, 4, 0.5), (25, 2.5, 1.5), (15, 3, 4.0))] * 2)
+    tissue = (tissue + rng.normal(0.0, 0.5, tissue.shape)).astype(np.float32)
+    nuisance = np.zeros((6, 2, TIMES.size), np.float32)
+    nuisance[3:] = rng.normal(0.0, 1.0, (3, 2, TIMES.size))
+    weights = np.ones((6, TIMES.size), np.float32)
+    weights[3:] = rng.uniform(0.2, 1.0, (3, TIMES.size))
+    together = dc.fit_model(tissue, TIMES, TIMES, aif, nuisance=nuisance, weights=weights)
+    plain = dc.fit_model(tissue[:3], TIMES, TIMES, aif)
+    alone = dc.fit_model(tissue[3:], TIMES, TIMES, aif, nuisance=nuisance[3:],
+                         weights=weights[3:])
+    for both, first, last in zip(together, plain, alone):
+        np.testing.assert_allclose(both, np.concatenate([first, last]), rtol=1e-4, atol=1e-6)
+    # and the plain ones are not fitted as the weighted ones are
+    assert not np.allclose(together[0][3:], dc.fit_model(tissue[3:], TIMES, TIMES, aif)[0],
+                           rtol=1e-3)

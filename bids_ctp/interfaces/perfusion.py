@@ -439,6 +439,7 @@ class _DeconvInput(_EnhancementInput):
     noise_sd = traits.Float(0.0, usedefault=True,
                             desc="noise SD (HU) of the series as acquired; without noise, nlr "
                                  "counts the rounding to whole HU as the residual floor")
+    n_threads = traits.Int(1, usedefault=True)
 
 
 class _DeconvOutput(TraitedSpec):
@@ -546,7 +547,8 @@ def _motion_artefact_model(inputs, brain, data, tissue):
     # skull base, whose slice hundreds of HU of bone move into under through-plane motion
     edge = motion.edge_strength(scene, spacing)
     regressor = motion.residual_motion_regressor(
-        inputs.motion_parameters, edge, spacing, brain, n_baseline, scene)
+        inputs.motion_parameters, edge, spacing, brain, n_baseline, scene,
+        n_threads=inputs.n_threads)
     if regressor is None:
         return None, None
     # the curves' noise, but never below the rounding to whole HU that no noise dithers

@@ -523,23 +523,34 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     fine = fine.reshape(len(fine_delays), len(fine_log_mtts), -1)
     fine_norm2 = fine_norm2.reshape(fine.shape[:2])
     slope = _valley_slope(fine, fine_delays, np.exp(fine_log_mtts))
-    if baseline_offset and weights is None:  # without the offset's part (_fit_inputs)
-        fine -= fine.mean(axis=-1, keepdims=True)
-        fine_norm2 = np.maximum((fine * fine).sum(axis=-1), 1e-12)
+    tissue = np.asarray(tissue, dtype=np.float32)
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float32)
+    # Voxels without regressors and of weight 1 in every frame (under motion: the deep tissue
+    # away from the edges the motion moves, 3/4 of the brain on the 2 mm motion phantom) take
+    # the plain least squares: the same fit, without the weighted fit's second matrix products
+    plain = _plain_rows(len(tissue), nuisance, weights)
+    # the fine basis of each kind of voxel; unweighted fits with a baseline offset take it
+    # without the offset's part (_fit_inputs)
+    bases = {}
+    for kind in (True, False):
+        b, n2 = fine, fine_norm2
+        if baseline_offset and (kind or weights is None):
+            b = fine - fine.mean(axis=-1, keepdims=True)
+            n2 = np.maximum((b * b).sum(axis=-1), 1e-12)
+        bases[kind] = b, n2
     # the coarse grid is a subset of the fine one
     coarse = (slice(None, None, delay_split), slice(None, None, LOCAL_SPLIT[1]))
-    basis = np.ascontiguousarray(fine[coarse]).reshape(nd * nm, -1)
-    norm2 = fine_norm2[coarse].ravel()
     centroid_step = (delays[1] - delays[0]) / LOCAL_SPLIT[0]
     log_mtt_step = fine_log_mtts[1] - fine_log_mtts[0]
     delay_step = fine_delays[1] - fine_delays[0]
     rc, rm = LOCAL_REACH
     reach_c, reach_m = np.arange(-rc, rc + 1), np.arange(-rm, rm + 1)  # local grid offsets
 
-    def local_grid(i, j):
+    def local_grid(i, j, fine, fine_norm2):
         """The local grid around coarse optimum (delay i, MTT j), shared by every voxel whose
-        coarse optimum it is: its curves (c x MTT, frames), their norms, c values, MTTs and
-        the valley slope."""
+        coarse optimum it is: its curves (c x MTT, frames) in ``fine``, their norms, c values,
+        MTTs and the valley slope."""
         jf = j * LOCAL_SPLIT[1]  # index into the fine MTTs
         kappa = slope[jf]
         c = delays[i] + kappa * np.exp(fine_log_mtts[jf]) + reach_c * centroid_step
@@ -551,16 +562,13 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
         return (np.ascontiguousarray(fine[di, dj].reshape(-1, fine.shape[-1])),
                 fine_norm2[di, dj].ravel(), c, local_mtt, kappa)
 
-    tissue = np.asarray(tissue, dtype=np.float32)
-    if weights is not None:
-        weights = np.asarray(weights, dtype=np.float32)
-
-    def inputs_of(rows):
-        """The rows' curves, nuisance regressors and weights (``_fit_inputs``); per chunk, so a
-        whole-brain series' curves and regressors are never copied whole."""
-        w = None if weights is None else weights[rows]
-        return (*_fit_inputs(tissue[rows], None if nuisance is None else nuisance[rows], w,
-                             baseline_offset), w)
+    def inputs_of(rows, kind):
+        """The rows' curves, nuisance regressors and weights (``_fit_inputs``; none for
+        ``plain`` rows); per chunk, so a whole-brain series' curves and regressors are never
+        copied whole."""
+        w = None if kind or weights is None else weights[rows]
+        q = None if kind or nuisance is None else nuisance[rows]
+        return (*_fit_inputs(tissue[rows], q, w, baseline_offset), w)
 
     flow = np.empty(len(tissue), dtype=np.float32)
     delay = np.empty(len(tissue), dtype=np.float32)
@@ -569,18 +577,27 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     # cache (twice as fast as 64 k voxels)
     best = np.empty(len(tissue), dtype=np.int64)
     chunk_size = max(1, CHUNK_VOXELS // 16)
-    for start in range(0, len(tissue), chunk_size):
-        sl = slice(start, start + chunk_size)
-        curves, q, w = inputs_of(sl)
-        score, _ = _explained(curves, basis, norm2, q, w)
-        best[sl] = np.argmax(score, axis=1)
+    for kind, (fine_k, fine_norm2_k) in bases.items():
+        basis = np.ascontiguousarray(fine_k[coarse]).reshape(nd * nm, -1)
+        norm2 = fine_norm2_k[coarse].ravel()
+        of_kind = np.flatnonzero(plain == kind)
+        for start in range(0, len(of_kind), chunk_size):
+            rows = of_kind[start : start + chunk_size]
+            curves, q, w = inputs_of(rows, kind)
+            score, _ = _explained(curves, basis, norm2, q, w)
+            best[rows] = np.argmax(score, axis=1)
     # voxels with the same coarse optimum share their local grid: one matrix product each
     order = np.argsort(best, kind="stable")
-    for group in np.split(order, np.flatnonzero(np.diff(best[order])) + 1):
-        local_basis, local_norm2, c, local_mtt, kappa = local_grid(*divmod(int(best[group[0]]), nm))
+    for group, kind in ((g[plain[g] == kind], kind) for g in
+                        np.split(order, np.flatnonzero(np.diff(best[order])) + 1)
+                        for kind in (True, False)):
+        if not len(group):
+            continue
+        local_basis, local_norm2, c, local_mtt, kappa = local_grid(
+            *divmod(int(best[group[0]]), nm), *bases[kind])
         for start in range(0, len(group), chunk_size):
             rows = group[start : start + chunk_size]
-            curves, q, w = inputs_of(rows)
+            curves, q, w = inputs_of(rows, kind)
             local_score, local_amp = _explained(curves, local_basis, local_norm2, q, w)
             a, b = np.divmod(np.argmax(local_score, axis=1), len(reach_m))
             if explained_out is not None:
@@ -595,6 +612,17 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
             # the area k_max·MTT is well determined by the data; keep it while refining MTT
             flow[rows] = np.where(area > 0, area / mtt[rows], 0.0)
     return flow, delay, mtt
+
+
+def _plain_rows(n: int, nuisance, weights) -> np.ndarray:
+    """Which of ``n`` voxels have no nuisance regressor (all 0) and weight 1 in every frame."""
+    plain = np.ones(n, dtype=bool)
+    if weights is not None:
+        plain &= (np.asarray(weights) == 1).all(axis=1)
+    if nuisance is not None:
+        nuisance = np.asarray(nuisance)
+        plain &= ~nuisance.reshape(n, -1).any(axis=1)
+    return plain
 
 
 def _valley_slope(basis, delays, mtts, at_delay=1.0):

@@ -66,16 +66,16 @@ def init_ctp_wf(ctp_input, output_dir, options=None) -> pe.Workflow:
     if ctp_input.brain_mask is not None:
         brain.inputs.user_mask = os.fspath(ctp_input.brain_mask)
     enhancement = pe.Node(EnhancementCurves(frame_times=times, source=source), name="curves")
-    if getattr(options, "plugin", None) in ("SLURM", "SLURMGraph") and threads > 1:
-        for node in (moco, smooth):  # appended to the run's sbatch_args
-            node.plugin_args = {"sbatch_args": f"--cpus-per-task={threads}", "overwrite": False}
     aif = pe.Node(SelectVessels(frame_times=times, source=source,
                                 vof_scaling=getattr(options, "vof_scaling", True)), name="aif")
     for kind in ("aif", "vof"):
         if getattr(ctp_input, f"{kind}_mask", None) is not None:
             setattr(aif.inputs, f"{kind}_mask", os.fspath(getattr(ctp_input, f"{kind}_mask")))
-    deconvolve = pe.Node(Deconvolve(frame_times=times, method=method, source=source),
-                         name="deconvolve")
+    deconvolve = pe.Node(Deconvolve(frame_times=times, method=method, source=source,
+                                    n_threads=threads), name="deconvolve", n_procs=threads)
+    if getattr(options, "plugin", None) in ("SLURM", "SLURMGraph") and threads > 1:
+        for node in (moco, smooth, deconvolve):  # appended to the run's sbatch_args
+            node.plugin_args = {"sbatch_args": f"--cpus-per-task={threads}", "overwrite": False}
     perfusion = pe.Node(PerfusionMaps(density=density, kh=kh), name="maps")
     fields = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)
               for k, v in dataclasses.asdict(ctp_input).items()}
