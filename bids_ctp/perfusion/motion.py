@@ -104,6 +104,7 @@ MAX_STEP_RATIO = 0.95
 # phantom (2 mm motion; 0.01 deg with the filter) and left white-matter CBV 13 % high.
 ANTIALIAS_SIGMA_BLOCKS = 1.0
 AIR_HU = -1024.0  # value of voxels resampled from outside the field of view
+HEAD_MIN_HU = -500.0  # registration images: voxels above this are the head (or its support)
 FD_RADIUS_MM = 50.0  # Power et al. 2012: rotation (rad) -> arc length on a 50 mm sphere
 # Voxels whose first-order motion artefact (edge strength x largest slice displacement) stays
 # below this many HU get no motion regressor.
@@ -442,9 +443,17 @@ class _Level:
     """
 
     def __init__(self, ref: np.ndarray, spacing, origin):
-        self.spacing, self.origin, self.shape = spacing, origin, ref.shape
-        self.ref_img = to_image(ref, spacing, origin)
         gx, gy, gz = np.gradient(ref.astype(np.float64), *spacing)
+        # compared within the head's box and 2 voxels of air: the air beyond has no edges,
+        # only noise (10 % fewer resampled voxels on the phantoms, same accuracy)
+        head = np.argwhere(ref > HEAD_MIN_HU)
+        if len(head):
+            lo = np.maximum(head.min(axis=0) - 2, 0)
+            hi = np.minimum(head.max(axis=0) + 3, ref.shape)
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            ref, gx, gy, gz = ref[box], gx[box], gy[box], gz[box]
+            origin = tuple(o + s * a for o, s, a in zip(origin, spacing, lo))
+        self.ref_img = to_image(ref, spacing, origin)
         axes = [o + s * np.arange(n) for o, s, n in zip(origin, spacing, ref.shape)]
         x, y, z = np.meshgrid(*axes, indexing="ij")
         # moving(T(x)) - ref(x) ~ grad . (w x r + t) = (r x grad) . w + grad . t
