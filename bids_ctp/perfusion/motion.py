@@ -107,8 +107,13 @@ AIR_HU = -1024.0  # value of voxels resampled from outside the field of view
 HEAD_MIN_HU = -500.0  # registration images: voxels above this are the head (or its support)
 FD_RADIUS_MM = 50.0  # Power et al. 2012: rotation (rad) -> arc length on a 50 mm sphere
 # Voxels whose first-order motion artefact (edge strength x largest slice displacement) stays
-# below this many HU get no motion regressor.
-MIN_ARTEFACT_HU = 2.0
+# below this many HU get no motion regressor. The estimate sees only the acquired slices'
+# edges, not the anatomy within a thick slice: on an independent phantom (1.3-1.4 deg jerks
+# through 5 mm slices) white matter's mean curve stepped by +2.2 HU at the jerk (its peak:
+# 10 HU), though most of it was estimated below 2 HU. At 0.5 instead of 2 HU, mean |error|
+# of the regional CBF / CBV / MTT medians over 10 moving series 6.55 -> 4.78 % (GM 7.60 ->
+# 3.91 %; without the independent one 2.96 -> 2.73 %), in no measurable extra time.
+MIN_ARTEFACT_HU = 0.5
 HUBER_K = 1.5  # Huber threshold in robust SDs of the residual
 DAMPING = 0.1  # Levenberg-Marquardt damping (fraction of the Gauss-Newton diagonal)
 HUBER_MIN_HU = 5.0  # floor of the robust residual scale (noise-free or very smooth data)
