@@ -617,11 +617,13 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
 def _plain_rows(n: int, nuisance, weights) -> np.ndarray:
     """Which of ``n`` voxels have no nuisance regressor (all 0) and weight 1 in every frame."""
     plain = np.ones(n, dtype=bool)
-    if weights is not None:
-        plain &= (np.asarray(weights) == 1).all(axis=1)
-    if nuisance is not None:
-        nuisance = np.asarray(nuisance)
-        plain &= ~nuisance.reshape(n, -1).any(axis=1)
+    for start in range(0, n, CHUNK_VOXELS):  # no whole-brain boolean temporaries
+        rows = slice(start, start + CHUNK_VOXELS)
+        if weights is not None:
+            plain[rows] &= (np.asarray(weights[rows]) == 1).all(axis=1)
+        if nuisance is not None:
+            q = np.asarray(nuisance[rows])
+            plain[rows] &= ~q.reshape(len(q), -1).any(axis=1)
     return plain
 
 
