@@ -527,7 +527,7 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float32)
     # Voxels without regressors and of weight 1 in every frame (under motion: the deep tissue
-    # away from the edges the motion moves, 3/4 of the brain on the 2 mm motion phantom) take
+    # away from the edges the motion moves, 2/3 of the brain on the 2 mm motion phantom) take
     # the plain least squares: the same fit, without the weighted fit's second matrix products
     plain = _plain_rows(len(tissue), nuisance, weights)
     # the fine basis of each kind of voxel; unweighted fits with a baseline offset take it
