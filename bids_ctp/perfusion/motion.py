@@ -259,6 +259,15 @@ def round_trip(volume: np.ndarray, spacing, parameters) -> np.ndarray:
     return np.where(np.isfinite(back), back, there)
 
 
+def _index_at(shape, spacing, m: np.ndarray, voxels) -> np.ndarray:
+    """Continuous voxel index (n, 3) of T(x) for ``voxels`` (n, 3) of a grid of ``shape``,
+    with T the 4x4 point mapping ``m`` (``_affine``) in this module's centred frame."""
+    spacing = np.asarray(spacing, float)
+    origin = np.asarray(_centred_origin(shape, spacing))
+    x = np.asarray(voxels, float) * spacing + origin
+    return (x @ m[:3, :3].T + m[:3, 3] - origin) / spacing
+
+
 def round_trip_at(volume: np.ndarray, spacing, parameters, voxels) -> np.ndarray:
     """``round_trip`` of ``volume`` at ``voxels`` (n, 3) only, for every frame of
     ``parameters`` (T, 6): (n, T) float32. Two trilinear interpolations per voxel and frame
@@ -269,16 +278,15 @@ def round_trip_at(volume: np.ndarray, spacing, parameters, voxels) -> np.ndarray
     spacing = np.asarray(spacing, float)
     origin = np.asarray(_centred_origin(volume.shape, spacing))
     upper = np.asarray(volume.shape) - 1
-    x = np.asarray(voxels, float) * spacing + origin
     corners = np.array([(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)])
-    out = np.empty((len(x), len(parameters)), np.float32)
+    out = np.empty((len(voxels), len(parameters)), np.float32)
     for t, p in enumerate(np.asarray(parameters, float)):
         if not np.any(p):
             out[:, t] = volume[tuple(np.asarray(voxels).T)]
             continue
         m = _affine(rigid_transform(p))
         # the correction reads the moved image at T(x), between 8 grid nodes
-        at = np.clip(((x @ m[:3, :3].T + m[:3, 3]) - origin) / spacing, 0, upper)
+        at = np.clip(_index_at(volume.shape, spacing, m, voxels), 0, upper)
         low = np.minimum(np.floor(at), np.maximum(upper - 1, 0)).astype(int)
         frac = at - low
         nodes = np.minimum(low[:, None, :] + corners[None], upper)  # (n, 8, 3)
@@ -286,7 +294,7 @@ def round_trip_at(volume: np.ndarray, spacing, parameters, voxels) -> np.ndarray
         g = nodes.reshape(-1, 3) * spacing + origin
         back = np.linalg.solve(m[:3, :3], (g - m[:3, 3]).T).T
         moved = ndimage.map_coordinates(volume, ((back - origin) / spacing).T, order=1,
-                                        mode="nearest").reshape(len(x), 8)
+                                        mode="nearest").reshape(len(voxels), 8)
         weights = np.prod(np.where(corners[None], frac[:, None, :], 1 - frac[:, None, :]), axis=2)
         out[:, t] = (weights * moved).sum(axis=1)
     return out
@@ -296,11 +304,7 @@ def _corrected_at(moved: np.ndarray, spacing, parameters, voxels) -> np.ndarray:
     """What ``correct_motion``'s resampling of ``moved`` gives at ``voxels`` (n, 3): linear
     interpolation at T(x), the edge value within half a voxel beyond the grid (as SimpleITK),
     and where T(x) is further out, the moved value itself."""
-    spacing = np.asarray(spacing, float)
-    origin = np.asarray(_centred_origin(moved.shape, spacing))
-    m = _affine(rigid_transform(parameters))
-    x = np.asarray(voxels, float) * spacing + origin
-    at = (x @ m[:3, :3].T + m[:3, 3] - origin) / spacing
+    at = _index_at(moved.shape, spacing, _affine(rigid_transform(parameters)), voxels)
     upper = np.asarray(moved.shape) - 1
     outside = ((at < -0.5) | (at > upper + 0.5)).any(axis=1)
     out = ndimage.map_coordinates(moved, np.clip(at, 0, upper).T, order=1, mode="nearest")
@@ -327,7 +331,8 @@ def residual_motion_regressor(parameters, edge: np.ndarray, spacing, brain: np.n
     artefact can matter: where ``edge`` (``edge_strength`` of the unenhanced head, HU/mm) times
     the largest displacement exceeds ``min_artefact_hu``, i.e. near skull, CSF and vessel
     edges and grey-white boundaries. Elsewhere (uniform tissue) they are 0, so the fit there
-    keeps all its degrees of freedom. Returns (n_brain, k, T) float32, or None when no voxel qualifies (a still head).
+    keeps all its degrees of freedom. Returns (n_brain, k, T) float32, or None when no voxel
+    qualifies (a still head).
     ``n_threads``: threads of each resampling of the scene.
     """
     voxels = np.argwhere(brain)
@@ -390,6 +395,13 @@ def artefact_weights(regressor: np.ndarray, edge: np.ndarray, noise_sd: float) -
 # ---------------------------------------------------------------- registration
 def _block_factors(spacing, voxel_mm=REGISTRATION_VOXEL_MM) -> tuple[int, int, int]:
     return tuple(max(1, int(round(voxel_mm / s))) if s < voxel_mm else 1 for s in spacing)
+
+
+def _block_grid(spacing, origin, factors):
+    """Spacing and origin (mm) of the grid of f_i x f_j x f_k block means: block k is centred
+    on voxel f*k + (f - 1)/2 of the finer grid."""
+    return (tuple(s * f for s, f in zip(spacing, factors)),
+            tuple(o + 0.5 * (f - 1) * s for o, f, s in zip(origin, factors, spacing)))
 
 
 def _downsample(volume: np.ndarray, factors, window, antialias: bool = True) -> np.ndarray:
@@ -556,23 +568,19 @@ def correct_motion(data: np.ndarray, spacing, reference: int | None = None, n_th
     ref_index %= n_t
 
     factors = _block_factors(spacing)
-    ds_spacing = tuple(s * f for s, f in zip(spacing, factors))
     full_origin = _centred_origin(data.shape[:3], spacing)
-    # Block centre k: voxel f*k + (f - 1)/2 of the full grid.
-    ds_origin = tuple(o + 0.5 * (f - 1) * s for o, f, s in zip(full_origin, factors, spacing))
+    ds_spacing, ds_origin = _block_grid(spacing, full_origin, factors)
     window = REGISTRATION_WINDOW_HU
 
     # Pyramid: level 1 = the registration grid, level 0 = a further 2 x 2 in-plane block average.
     coarse = (2, 2, 1)
-    c_spacing = tuple(s * f for s, f in zip(ds_spacing, coarse))
-    c_origin = tuple(o + 0.5 * (f - 1) * s for o, f, s in zip(ds_origin, coarse, ds_spacing))
+    c_spacing, c_origin = _block_grid(ds_spacing, ds_origin, coarse)
 
     # A last, finer level (REFINE_VOXEL_MM) where it still averages blocks
     refine = _block_factors(spacing, REFINE_VOXEL_MM)
     refine = None if refine == factors or max(refine) < 2 else refine
     if refine:
-        r_spacing = tuple(s * f for s, f in zip(spacing, refine))
-        r_origin = tuple(o + 0.5 * (f - 1) * s for o, f, s in zip(full_origin, refine, spacing))
+        r_spacing, r_origin = _block_grid(spacing, full_origin, refine)
 
     def pyramid(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         small = _downsample(volume, factors, window)
