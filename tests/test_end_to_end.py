@@ -287,7 +287,7 @@ def test_box_residue_found_at_2s_sampling_with_motion(tmp_path):
     sidecar = json.loads(next(out.rglob("*_desc-nlr_cbf.json")).read_text())
     assert sidecar["ResidueShape"] == "box"
     scores = sidecar["ResidueShapeScores"]  # per curve, relative to its best family
-    assert set(scores) == {"exponential", "gamma2", "gamma4", "box", "linear"}
+    assert set(scores) == {"exponential", "gamma2", "gamma3", "gamma4", "box", "linear"}
     assert max(scores, key=scores.get) == "box" and all(-100 < v <= 0 for v in scores.values())
     (result,) = compare(phantom.root, out)
     est, truth = result[("cbf", "penumbra")][:2]
