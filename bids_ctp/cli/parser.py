@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("perfusion model")
     model.add_argument("--deconvolution", choices=METHODS, default=METHODS[0],
                        help="deconvolution of tissue curves by the arterial input function: 'nlr' = "
-                            "least-squares fit of the delayed indicator-dilution model (exponential "
-                            "residue; fits the bolus delay, so insensitive to it, and unbiased where "
+                            "least-squares fit of the delayed indicator-dilution model (residue "
+                            "family chosen per scan: exponential, gamma2, gamma3, gamma4, box or "
+                            "linear; fits the bolus delay, so insensitive to it, and unbiased where "
                             "SVD is not); 'csvd' = block-circulant truncated SVD (threshold 10 %%), "
                             "insensitive to bolus delay; 'ssvd' = standard truncated SVD (threshold "
                             "20 %%), biased by bolus delay; 'osvd' = block-circulant SVD with a "

@@ -260,7 +260,7 @@ LOCAL_SPLIT = (4, 2)  # local grid of fit_model: (centroid, MTT) steps per coars
 LOCAL_REACH = (3, 8)
 BASIS_DELAY_SPLIT = 160  # delay resolution of fit_model's basis: 0.003 s for 0.5 s steps
 # for the residue family's choice 0.03 s is enough (the local grid's centroid step is 0.125 s)
-# and builds the five families' bases in a tenth of the time
+# and builds the families' bases in a tenth of the time
 SHAPE_SELECTION_DELAY_SPLIT = 16
 SHAPE_SELECTION_VOXELS = 20000  # tissue curves used to choose the residue family
 VESSEL_FRACTION = 0.2  # curves peaking above this fraction of the AIF are vessels, not tissue
