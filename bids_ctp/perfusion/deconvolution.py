@@ -535,14 +535,12 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     # the plain least squares: the same fit, without the weighted fit's second matrix products
     plain = _plain_rows(len(tissue), nuisance, weights)
     # the fine basis of each kind of voxel; unweighted fits with a baseline offset take it
-    # without the offset's part (_fit_inputs)
-    bases = {}
-    for kind in (True, False):
-        b, n2 = fine, fine_norm2
-        if baseline_offset and (kind or weights is None):
-            b = fine - fine.mean(axis=-1, keepdims=True)
-            n2 = np.maximum((b * b).sum(axis=-1), 1e-12)
-        bases[kind] = b, n2
+    # without the offset's part (_fit_inputs), weighted ones as it is
+    unweighted = fine, fine_norm2
+    if baseline_offset:
+        centred = fine - fine.mean(axis=-1, keepdims=True)
+        unweighted = centred, np.maximum((centred * centred).sum(axis=-1), 1e-12)
+    bases = {True: unweighted, False: unweighted if weights is None else (fine, fine_norm2)}
     # the coarse grid is a subset of the fine one
     coarse = (slice(None, None, delay_split), slice(None, None, LOCAL_SPLIT[1]))
     centroid_step = (delays[1] - delays[0]) / LOCAL_SPLIT[0]
@@ -582,9 +580,11 @@ def fit_model(tissue: np.ndarray, times, aif_times, aif, delays=FIT_DELAYS, mtts
     best = np.empty(len(tissue), dtype=np.int64)
     chunk_size = max(1, CHUNK_VOXELS // 16)
     for kind, (fine_k, fine_norm2_k) in bases.items():
+        of_kind = np.flatnonzero(plain == kind)
+        if not len(of_kind):  # e.g. a still scan: every voxel is plain
+            continue
         basis = np.ascontiguousarray(fine_k[coarse]).reshape(nd * nm, -1)
         norm2 = fine_norm2_k[coarse].ravel()
-        of_kind = np.flatnonzero(plain == kind)
         for start in range(0, len(of_kind), chunk_size):
             rows = of_kind[start : start + chunk_size]
             curves, q, w = inputs_of(rows, kind)
