@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--deconvolution", choices=METHODS, default=METHODS[0],
                        help="deconvolution of tissue curves by the arterial input function: 'nlr' = "
                             "least-squares fit of the delayed indicator-dilution model (residue "
-                            "family chosen per scan: exponential, gamma2, gamma3, gamma4, box or "
-                            "linear; fits the bolus delay, so insensitive to it, and unbiased where "
+                            "family chosen per scan: exponential, gamma2, gamma3, gamma4, gamma6, "
+                            "box or linear; fits the bolus delay, so insensitive to it, and unbiased where "
                             "SVD is not); 'csvd' = block-circulant truncated SVD (threshold 10 %%), "
                             "insensitive to bolus delay; 'ssvd' = standard truncated SVD (threshold "
                             "20 %%), biased by bolus delay; 'osvd' = block-circulant SVD with a "

@@ -14,7 +14,7 @@ Methods (all vectorised: one pseudo-inverse per AIF, matrix products per chunk o
   start of the residue from a smooth AIF: even with a perfect AIF and no noise it underestimates
   CBF by 20-40 % and delays Tmax by 1.5-2.5 s (measured on the phantom, README "Method"), so the
   default fits the model instead. The residue family (gamma-distributed transit times:
-  exponential, gamma2, gamma3, gamma4, box; or linear) is chosen once per scan by
+  exponential, gamma2, gamma3, gamma4, gamma6, box; or linear) is chosen once per scan by
   ``select_residue_shape``; a wrong family biases CBF by 25-150 %. Vectorised as a grid
   search: every (δ, MTT) pair on a grid gives one model curve; the best amplitude per voxel and
   pair is a dot product, so the whole search is one matrix product per chunk of voxels,
@@ -248,9 +248,12 @@ FIT_FINE_DT = 0.05  # s, time step of the model convolution
 # (worse the longer the MTT); with it, within 2 % (tests/test_deconvolution_methods.py).
 # gamma3: without it, shape-3 tissue took gamma4 (CBF -8...-6 %; on the independent phantom,
 # sampled every 2 s, GM CBF -10 %) and within 2 % with it (benchmarks/residue_shapes.py).
-# A gamma8 rung fixed shapes 6 and 10 as well, but under head motion box tissue then went to
-# gamma8 (GM CBF -18 %) or stayed box by 0.002 of the score: not adopted.
-GAMMA_SHAPE = {"exponential": 1.0, "gamma2": 2.0, "gamma3": 3.0, "gamma4": 4.0, "box": np.inf}
+# gamma6: without it, shapes 5-8 took gamma4 (CBF +5...+17 %) and shape 10 linear (+29...+33 %);
+# with it -3 / 0 / +4...+10 / +7...+12 % (benchmarks/residue_shapes.py). A rung nearer the box
+# (gamma8 or gamma9) fixed shapes 8-10 too, but under head motion box tissue then took it by
+# 0.002-0.008 of the score (GM CBF +23 % with gamma9): not adopted.
+GAMMA_SHAPE = {"exponential": 1.0, "gamma2": 2.0, "gamma3": 3.0, "gamma4": 4.0, "gamma6": 6.0,
+               "box": np.inf}
 RESIDUE_SHAPES = (*GAMMA_SHAPE, "linear")
 LOCAL_SPLIT = (4, 2)  # local grid of fit_model: (centroid, MTT) steps per coarse step
 # local-grid steps on each side of the coarse optimum, in c (0.375 s: the coarse optimum's c
