@@ -223,8 +223,8 @@ def test_transit_times_between_two_families(k, bound):
     """Tissue whose transit times are gamma-distributed with a shape k between two families,
     delay-free (a DSC reference object's lambda 5, say), is fitted with a neighbouring family.
     Noise-free CBF at MTT 3 / 6 / 12 s: shape 5 with gamma4 +7.5 / +6.9 / +4.1 %, with gamma6
-    -4.8 / -3.1 / -2.7 % (the two score about the same); shape 8 with gamma6 +8 / +6 / +4 %,
-    and with linear +26...+29 % before the gamma6 family existed."""
+    -4.8 / -3.1 / -2.7 % (the two score about the same); shape 8 with gamma6 +7.5 / +6.8 /
+    +3.8 %, and with linear, its choice before the gamma6 family existed, +25 / +28 / +29 %."""
     rng = np.random.default_rng(5)
     fine = np.arange(0.0, 80.0, 0.01)
     aif_fine = arterial_input(fine)

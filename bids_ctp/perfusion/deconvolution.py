@@ -248,10 +248,11 @@ FIT_FINE_DT = 0.05  # s, time step of the model convolution
 # (worse the longer the MTT); with it, within 2 % (tests/test_deconvolution_methods.py).
 # gamma3: without it, shape-3 tissue took gamma4 (CBF -8...-6 %; on the independent phantom,
 # sampled every 2 s, GM CBF -10 %) and within 2 % with it (benchmarks/residue_shapes.py).
-# gamma6: without it, shapes 5-8 took gamma4 (CBF +5...+17 %) and shape 10 linear (+29...+33 %);
-# with it -3 / 0 / +4...+10 / +7...+12 % (benchmarks/residue_shapes.py). A rung nearer the box
-# (gamma8 or gamma9) fixed shapes 8-10 too, but under head motion box tissue then took it by
-# 0.002-0.008 of the score (GM CBF +23 % with gamma9): not adopted.
+# gamma6: without it, shapes 5 and 6 took gamma4 (CBF +5...+17 %) and shapes 8 and 10 linear
+# (+25...+33 %); with it -3...-5 / 0 / +4...+10 / +7...+12 % (benchmarks/residue_shapes.py,
+# tests/test_deconvolution_methods.py). A rung nearer the box (gamma8 or gamma9) fixed shapes
+# 8-10 too, but under head motion box tissue then took it by 0.002-0.008 of the score (GM CBF
+# +23 % with gamma9): not adopted.
 GAMMA_SHAPE = {"exponential": 1.0, "gamma2": 2.0, "gamma3": 3.0, "gamma4": 4.0, "gamma6": 6.0,
                "box": np.inf}
 RESIDUE_SHAPES = (*GAMMA_SHAPE, "linear")
