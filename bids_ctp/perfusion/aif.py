@@ -17,13 +17,14 @@ scaled up by the factor that fits the VOF (``venous_transit_fit``, ``vof_scale_f
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
 from scipy.interpolate import PchipInterpolator
-from scipy.optimize import curve_fit, least_squares
+from scipy.optimize import OptimizeWarning, curve_fit, least_squares
 from scipy.special import gammaln
 
 from bids_ctp.errors import DataError
@@ -167,8 +168,12 @@ def fit_gamma_variate(times, curve) -> dict:
     guess = [c[top], t0_guess, 3.0, max((t[top] - t0_guess) / 3.0, 0.3)]
     window = slice(max(0, start - 2), end + 1)
     try:
-        params, _ = curve_fit(gamma_variate, t[window], c[window], p0=guess, maxfev=4000,
-                              bounds=([0, t[0] - 10, 0.5, 0.1], [np.inf, t[top], 20.0, 20.0]))
+        with warnings.catch_warnings():
+            # the covariance is not used: too few first-pass samples to estimate it (a scan cut
+            # off after the peak) is no error, and the warning was an extra line on stderr
+            warnings.simplefilter("ignore", OptimizeWarning)
+            params, _ = curve_fit(gamma_variate, t[window], c[window], p0=guess, maxfev=4000,
+                                  bounds=([0, t[0] - 10, 0.5, 0.1], [np.inf, t[top], 20.0, 20.0]))
     except (RuntimeError, ValueError):
         params = np.array(guess)
     model = gamma_variate(t[window], *params)
